@@ -1,0 +1,667 @@
+"""Fine-tune a causal LM to write Douban movie reviews in one user's style, from their dated review history.
+
+One script for one device and for many::
+
+    python train_distributed_MovieReview.py --data_file example_movie_review_data.json --output_dir outputs/Y
+    torchrun --nproc_per_node=4 train_distributed_MovieReview.py --data_file ... --output_dir ...
+
+Prompts and labels come from ``data_loader_movie_review`` (the only prompt builder). Training is transformers'
+``Trainer``: DDP under torchrun (NCCL on GPUs, gloo on CPU), dynamic padding with length-grouped batches, loss
+on the review + EOS only, evaluation and a checkpoint every epoch, early stopping on validation loss, the best
+checkpoint reloaded and saved at the end. FlashAttention 2 is used where it can run, PyTorch SDPA otherwise.
+
+Outputs (output_dir): pytorch_model.bin (or model.safetensors), config.json, tokenizer files,
+training_config.json, test_samples.json, training_samples_preview.txt, loss_curve.png, checkpoint-*/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import netrc
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import data_loader_movie_review as dl
+
+logger = logging.getLogger("movie_review")
+
+PREVIEW_SAMPLES = 3
+FINISHED_MARKER = "training_config.json"  # written last: its presence means the run finished
+# Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
+RUN_ARTIFACTS = (
+    "pytorch_model.bin", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+    "added_tokens.json", FINISHED_MARKER, "test_samples.json", "training_samples_preview.txt", "loss_curve.png",
+    "training_args.bin", "eval",
+)
+_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
+
+
+class UsageError(Exception):
+    """A user error: reported as one line, exit code 2, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Train a Douban movie-review style model (single device or torchrun DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data_file", required=True, help="review JSON file (spec format)")
+    data.add_argument("--train_ratio", type=float, default=0.7, help="oldest share of each user's reviews: train")
+    data.add_argument("--val_ratio", type=float, default=0.15, help="next share: validation (early stopping)")
+    data.add_argument("--test_ratio", type=float, default=0.15, help="newest share: test (test_samples.json)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model_path", default="Qwen/Qwen2.5-3B", help="hub id or local folder of the base model")
+    model.add_argument("--output_dir", required=True, help="where the model and run files are written")
+    model.add_argument("--max_length", type=int, default=4096, help="max tokens per sample (history is trimmed)")
+    model.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the model repo")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--batch_size", type=int, default=2, help="per-device batch size")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=8, help="micro-batches per optimizer step")
+    train.add_argument("--learning_rate", type=float, default=1e-5, help="peak learning rate (AdamW, linear decay)")
+    train.add_argument("--max_epochs", type=int, default=50, help="maximum number of epochs")
+    train.add_argument("--warmup_steps", type=int, default=100, help="linear warmup optimizer steps")
+    train.add_argument("--early_stopping_patience", type=int, default=3,
+                       help="stop after this many epochs without a lower validation loss")
+    train.add_argument("--seed", type=int, default=42, help="random seed")
+    train.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    train.add_argument("--logging_steps", type=int, default=0,
+                       help="log the training loss every N optimizer steps (0: once per epoch)")
+
+    ablation = p.add_argument_group("ablation")
+    ablation.add_argument("--use_profile", dest="use_profile", action="store_true", default=True,
+                          help="put the user's profile (用户 line) in the prompt")
+    ablation.add_argument("--no_profile", dest="use_profile", action="store_false", help="leave the profile out")
+    ablation.add_argument("--use_history", dest="use_history", action="store_true", default=True,
+                          help="put the user's earlier reviews in the prompt")
+    ablation.add_argument("--no_history", dest="use_history", action="store_false", help="leave the history out")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--disable_flash_attn", action="store_true", help="use PyTorch SDPA even if FlashAttention 2 works")
+    run.add_argument("--report_to", choices=["wandb", "none"], default=None,
+                     help="experiment tracking (default: wandb if installed, offline when not logged in)")
+    run.add_argument("--wandb_project", default="MovieReview", help="W&B project name")
+    run.add_argument("--wandb_run_name", default=None, help="W&B run name (default: output_dir's name)")
+    run.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None,
+                     help="continue from PATH, or from the latest checkpoint in output_dir when no PATH is given")
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="replace a previous run's files in output_dir")
+    run.add_argument("--preview_only", action="store_true",
+                     help="write training_samples_preview.txt and test_samples.json, then stop (no model load)")
+    run.add_argument("--save_format", choices=["bin", "safetensors"], default="bin",
+                     help="final weights as pytorch_model.bin (spec) or model.safetensors")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "gradient_accumulation_steps", "max_epochs", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.warmup_steps < 0 or args.early_stopping_patience < 1 or args.logging_steps < 0:
+        p.error("--warmup_steps and --logging_steps must be >= 0, --early_stopping_patience >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decisions (pure functions: unit-tested without a GPU)
+# --------------------------------------------------------------------------------------------------------------
+def choose_precision(cuda_available: bool, bf16_supported: bool) -> str:
+    """bf16 where the GPU supports it, else fp16 (mixed precision) on GPU, fp32 on CPU."""
+    if not cuda_available:
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def choose_attention(disable_flash_attn: bool, flash_attn_importable: bool, cuda_available: bool,
+                     precision: str, compute_capability: tuple[int, int] | None) -> tuple[str, str]:
+    """Return (attn_implementation, reason). FlashAttention 2 only when every condition holds.
+
+    We decide ourselves and never ask transformers for "flash_attention_2" when it cannot run: without the
+    package it raises, and with the ``kernels`` package installed it may try to fetch a kernel from the hub.
+    """
+    if disable_flash_attn:
+        return "sdpa", "--disable_flash_attn given"
+    if not cuda_available:
+        return "sdpa", "no CUDA GPU"
+    if not flash_attn_importable:
+        return "sdpa", "flash_attn is not installed (pip install flash-attn --no-build-isolation)"
+    if compute_capability is not None and compute_capability < (8, 0):
+        return "sdpa", f"GPU compute capability {compute_capability[0]}.{compute_capability[1]} < 8.0 (Ampere)"
+    if precision not in ("bf16", "fp16"):
+        return "sdpa", f"FlashAttention 2 needs fp16/bf16, precision is {precision}"
+    return "flash_attention_2", "flash_attn available on a CUDA GPU with half precision"
+
+
+def flash_attn_importable() -> bool:
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:  # installed but built against another torch/CUDA: treat as absent
+        import flash_attn  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "cannot use it"
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """Everything decided about the hardware, in one place: what the model is loaded with and trained in."""
+
+    precision: str  # bf16 | fp16 | fp32
+    weights_dtype: str  # dtype the weights are loaded in
+    attention: str  # attn_implementation passed to from_pretrained
+    attention_reason: str
+    device: str  # cuda | cpu
+    pad_to_multiple_of: int | None  # tensor-core friendly shapes on GPU
+
+    def training_kwargs(self) -> dict[str, Any]:
+        return {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16",
+                "use_cpu": self.device == "cpu", "dataloader_pin_memory": self.device == "cuda"}
+
+
+def plan_runtime(disable_flash_attn: bool, cuda_available: bool, bf16_supported: bool,
+                 compute_capability: tuple[int, int] | None, flash_attn_ok: bool) -> RuntimePlan:
+    precision = choose_precision(cuda_available, bf16_supported)
+    attention, reason = choose_attention(disable_flash_attn, flash_attn_ok, cuda_available, precision,
+                                         compute_capability)
+    # bf16: weights in bf16 (a 3B full fine-tune fits one 40-80 GB GPU, as LLaMA-Factory does); fp16: fp32
+    # weights + fp16 autocast, because fp16 weights cannot be trained with a GradScaler.
+    weights = "bfloat16" if precision == "bf16" else "float32"
+    return RuntimePlan(precision, weights, attention, reason, "cuda" if cuda_available else "cpu",
+                       8 if cuda_available else None)
+
+
+def detect_runtime(disable_flash_attn: bool) -> RuntimePlan:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return plan_runtime(disable_flash_attn, cuda, cuda and torch.cuda.is_bf16_supported(),
+                        torch.cuda.get_device_capability() if cuda else None,
+                        cuda and flash_attn_importable())
+
+
+def wandb_logged_in(environ: dict[str, str]) -> bool:
+    """True when W&B has credentials: WANDB_API_KEY or a netrc entry written by ``wandb login``."""
+    if environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0].split(":")[0]
+    try:
+        return netrc.netrc(environ.get("NETRC") or None).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def configure_reporting(report_to: str | None, environ: dict[str, str],
+                        wandb_installed: bool) -> tuple[str, str | None]:
+    """Return (report_to for TrainingArguments, message). May set WANDB_MODE=offline in ``environ``.
+
+    W&B without credentials would prompt for a key (or hang without a terminal): switch it to offline mode,
+    whose runs land in ./wandb and upload later with ``wandb sync``.
+    """
+    if report_to is None:
+        report_to = "wandb" if wandb_installed else "none"
+        if not wandb_installed:
+            return "none", "W&B logging off: wandb is not installed (pip install wandb)"
+    if report_to == "none":
+        return "none", None
+    if not wandb_installed:
+        raise UsageError("--report_to wandb needs the wandb package (pip install wandb)")
+    mode = environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return "wandb", f"W&B mode {mode} (from WANDB_MODE)"
+    if not wandb_logged_in(environ):
+        environ["WANDB_MODE"] = "offline"
+        return "wandb", "W&B: no API key / login found, logging offline to ./wandb (upload later: wandb sync)"
+    return "wandb", "W&B: logging online"
+
+
+def output_dir_state(output_dir: str) -> str:
+    """'empty' (absent or nothing of ours), 'finished', or 'unfinished' (checkpoints but no final marker)."""
+    if not os.path.isdir(output_dir):
+        return "empty"
+    names = os.listdir(output_dir)
+    if FINISHED_MARKER in names:
+        return "finished"
+    if any(_CHECKPOINT_RE.match(n) for n in names):
+        return "unfinished"
+    return "empty"
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+    """Never overwrite a previous run silently."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} exists and is not a directory")
+    state = output_dir_state(output_dir)
+    if resume is not None:
+        if resume == "latest" and state == "empty":
+            raise UsageError(f"--resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+        if resume != "latest" and not os.path.isdir(resume):
+            raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        return
+    if overwrite or state == "empty":
+        return
+    if state == "finished":
+        raise UsageError(f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
+                         "--overwrite_output_dir")
+    raise UsageError(f"--output_dir {output_dir} holds an unfinished run (checkpoints); pass "
+                     "--resume_from_checkpoint to continue it or --overwrite_output_dir to start over")
+
+
+def remove_previous_run(output_dir: str) -> list[str]:
+    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed."""
+    removed = []
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        if name in RUN_ARTIFACTS or _CHECKPOINT_RE.match(name):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(name)
+    return removed
+
+
+def optimizer_steps_per_epoch(num_samples: int, batch_size: int, world_size: int, accumulation: int) -> int:
+    """As Trainer counts them: micro-batches per rank, grouped by accumulation, a partial group still steps."""
+    micro_batches = math.ceil(num_samples / (batch_size * world_size))
+    return max(1, math.ceil(micro_batches / accumulation))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    data: dl.ReviewData
+    splits: dict[str, list[dl.Sample]]
+    encoded: dict[str, list[dl.EncodedSample]]
+    truncated_targets: int
+
+    def features(self, split: str) -> list[dict[str, list[int]]]:
+        return [e.as_features() for e in self.encoded[split]]
+
+
+def load_splits(args: argparse.Namespace) -> tuple[dl.ReviewData, dict[str, list[dl.Sample]]]:
+    data = dl.load_review_file(args.data_file)
+    splits = dl.split_chronologically(data, args.train_ratio, args.val_ratio, args.test_ratio)
+    if not splits["train"]:
+        raise UsageError(f"{args.data_file}: no training samples with --train_ratio {args.train_ratio}")
+    return data, splits
+
+
+def prepare_data(args: argparse.Namespace, data: dl.ReviewData, splits: dict[str, list[dl.Sample]],
+                 tokenizer) -> PreparedData:
+    encoder = dl.SampleTokenizer(tokenizer, args.max_length, dl.PromptBuilder(args.use_profile, args.use_history))
+    encoded = {name: encoder.encode_split(samples) for name, samples in splits.items()}
+    return PreparedData(data, splits, encoded, encoder.truncated_targets)
+
+
+def write_preview(path: str, encoded: list[dl.EncodedSample], total: int) -> None:
+    blocks = []
+    for i, enc in enumerate(encoded[:PREVIEW_SAMPLES], 1):
+        s = enc.sample
+        target_tokens = len(enc.input_ids) - enc.prompt_length
+        blocks.append(
+            f"===== 训练样本 {i}/{total}: {s.user.name} · {s.target.movie} · {s.target.timestamp} =====\n"
+            f"tokens: prompt {enc.prompt_length} + target {target_tokens} (含 EOS) = {len(enc.input_ids)}"
+            f"; 历史 {enc.history_count}/{len(s.history)} 条" + ("; target 已截断" if enc.target_truncated else "")
+            + f"\n----- 输入 (prompt) -----\n{enc.prompt}----- 输出 (target, 计算 loss) -----\n{s.target.text}\n"
+        )
+    _write_text(path, "\n".join(blocks))
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write via a temporary file so an interrupted run never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+def epoch_losses(log_history: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, float]]:
+    """Train and eval loss per (rounded) epoch from Trainer's log history; the last value of an epoch wins."""
+    train, evaluation = {}, {}
+    for entry in log_history:
+        if "epoch" not in entry:
+            continue
+        epoch = max(1, math.ceil(entry["epoch"] - 1e-6))
+        if "loss" in entry:
+            train[epoch] = entry["loss"]
+        if "eval_loss" in entry:
+            evaluation[epoch] = entry["eval_loss"]
+    return train, evaluation
+
+
+def best_epoch(eval_losses: dict[int, float]) -> int | None:
+    return min(eval_losses, key=lambda e: (eval_losses[e], e)) if eval_losses else None
+
+
+def plot_loss_curve(path: str, log_history: list[dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evaluation = epoch_losses(log_history)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if train:
+        ax.plot(list(train), list(train.values()), "o-", label="train loss")
+    if evaluation:
+        ax.plot(list(evaluation), list(evaluation.values()), "s-", label="validation loss")
+        best = best_epoch(evaluation)
+        ax.axvline(best, color="gray", linestyle="--", linewidth=1)
+        ax.plot([best], [evaluation[best]], "*", markersize=16, color="crimson",
+                label=f"best epoch {best} ({evaluation[best]:.4f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (review tokens + EOS)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "accelerate", "wandb", "flash-attn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Can we open a connection to the model hub? Answers in seconds instead of a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def model_source(model_path: str, environ: dict[str, str]) -> tuple[str, bool]:
+    """Return (path or hub id, local_files_only). A hub id with no reachable hub is read from the local cache."""
+    path = os.path.expanduser(model_path)
+    looks_local = os.path.isabs(model_path) or model_path.startswith((".", "~")) or os.path.exists(path)
+    if looks_local:
+        if not os.path.isdir(path):
+            raise UsageError(f"--model_path {model_path}: no such local folder")
+        return path, True
+    offline = environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and not hub_reachable(environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        logger.warning("model hub unreachable: looking for %s in the local Hugging Face cache only", model_path)
+        offline = True
+    return path, offline
+
+
+def load_tokenizer(args, source: str, local_only: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code,
+                                                  local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {args.model_path!r} ({first[:160]}). Without access to the model hub "
+                         "pass a local folder: --model_path /path/to/Qwen2.5-3B") from None
+    if tokenizer.pad_token is None:  # pad only fills batches; labels never depend on it
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        return train(args, rank)
+    except (UsageError, dl.ReviewDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace, rank: int) -> int:
+    dl.check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    report_to, report_msg = configure_reporting(args.report_to, os.environ,
+                                                importlib.util.find_spec("wandb") is not None)
+    # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
+    data, splits = load_splits(args)
+
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    source, local_only = model_source(args.model_path, os.environ)
+    tokenizer = load_tokenizer(args, source, local_only)
+    prepared = prepare_data(args, data, splits, tokenizer)
+    plan = detect_runtime(args.disable_flash_attn)
+    facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
+    model = None if args.preview_only else load_model(args, source, local_only, plan)
+
+    if rank == 0:
+        start_output_dir(args, prepared, facts, report_msg)
+    if args.preview_only:
+        if rank == 0:
+            logger.info("--preview_only: wrote training_samples_preview.txt and test_samples.json to %s",
+                        args.output_dir)
+        return 0
+
+    trainer = build_trainer(args, model, tokenizer, prepared, plan, report_to)
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_final_model(args, trainer)
+    if trainer.is_world_process_zero():
+        outcome = summarize_run(args, trainer, result, has_val=bool(prepared.encoded["val"]))
+        config = {
+            "arguments": vars(args),
+            "resolved": facts,
+            "data": {
+                "file": os.path.abspath(args.data_file), "users": len(prepared.data.users),
+                "reviews": prepared.data.num_reviews, "splits": dl.split_summary(prepared.splits),
+            },
+            "result": outcome,
+            "versions": library_versions(),
+        }
+        _write_json(os.path.join(args.output_dir, FINISHED_MARKER), config)
+        log_end_summary(args, outcome)
+    return 0
+
+
+def load_model(args, source: str, local_only: bool, plan: RuntimePlan):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, plan.weights_dtype), attn_implementation=plan.attention,
+            trust_remote_code=args.trust_remote_code, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load model weights from {args.model_path!r}: {str(err).splitlines()[0][:200]}") \
+            from None
+
+
+def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, report_to: str) -> dict[str, Any]:
+    steps_per_epoch = optimizer_steps_per_epoch(len(prepared.encoded["train"]), args.batch_size, world_size,
+                                                args.gradient_accumulation_steps)
+    return {
+        "precision": plan.precision, "dtype": plan.weights_dtype, "attention": plan.attention,
+        "attention_reason": plan.attention_reason, "device": plan.device, "world_size": world_size,
+        "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size,
+        "optimizer_steps_per_epoch": steps_per_epoch, "max_optimizer_steps": steps_per_epoch * args.max_epochs,
+        "report_to": report_to, "truncated_targets": prepared.truncated_targets,
+    }
+
+
+def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None) -> None:
+    """Rank 0, before training: clear an overwritten run, say what will happen, write the data files."""
+    if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+        removed = remove_previous_run(args.output_dir)
+        if removed:
+            logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_start_summary(args, prepared, facts, report_msg)
+    if not prepared.encoded["val"]:
+        logger.warning("the validation split is empty: training all %d epochs without early stopping",
+                       args.max_epochs)
+    total, per_epoch = facts["max_optimizer_steps"], facts["optimizer_steps_per_epoch"]
+    if args.warmup_steps >= total:
+        logger.warning("--warmup_steps %d >= the %d optimizer steps of the whole run (%d per epoch): the "
+                       "learning rate never reaches %g. Consider --warmup_steps %d.", args.warmup_steps,
+                       total, per_epoch, args.learning_rate, max(1, total // 10))
+    if prepared.truncated_targets:
+        logger.warning("%d target reviews were longer than --max_length and were truncated",
+                       prepared.truncated_targets)
+    write_preview(os.path.join(args.output_dir, "training_samples_preview.txt"), prepared.encoded["train"],
+                  len(prepared.encoded["train"]))
+    _write_json(os.path.join(args.output_dir, "test_samples.json"),
+                [dl.sample_record(e) for e in prepared.encoded["test"]])
+
+
+def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str):
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments
+
+    has_val = bool(prepared.encoded["val"])
+    if args.wandb_project:
+        os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
+    training_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.max_epochs,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        # Per-epoch evaluation and checkpoints, whatever the step count (28 reviews = ~2 steps an epoch).
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
+        save_total_limit=2,  # with load_best_model_at_end Trainer keeps the best checkpoint plus the latest
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_strategy="steps" if args.logging_steps else "epoch",
+        logging_steps=args.logging_steps or 500,
+        report_to=report_to,
+        run_name=args.wandb_run_name or os.path.basename(os.path.normpath(args.output_dir)),
+        seed=args.seed,
+        train_sampling_strategy="group_by_length",  # similar lengths per batch: little padding
+        ddp_find_unused_parameters=False,
+        activation_checkpointing=args.gradient_checkpointing,
+        remove_unused_columns=False,
+        **plan.training_kwargs(),
+    )
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=prepared.features("train"),
+        eval_dataset=prepared.features("val") if has_val else None,
+        # Dynamic padding: each batch to its longest sample; labels padded with -100.
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest",
+                                             pad_to_multiple_of=plan.pad_to_multiple_of,
+                                             label_pad_token_id=dl.IGNORE_INDEX),
+        processing_class=tokenizer,
+        callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
+    )
+
+
+def save_final_model(args, trainer) -> None:
+    """Save the (best) model on every rank's call, as Trainer expects; rank 0 writes the files."""
+    import torch
+
+    # Trainer turned the KV cache off for training and would save that into config.json: generation wants it on.
+    trainer.model.config.use_cache = True
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero() and args.save_format == "bin":
+        # transformers 5 only writes safetensors; the spec's pytorch_model.bin is written from the state dict,
+        # which from_pretrained still reads (with torch.load(weights_only=True)).
+        state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
+        torch.save(state, os.path.join(args.output_dir, "pytorch_model.bin"))
+        os.remove(os.path.join(args.output_dir, "model.safetensors"))
+
+
+def summarize_run(args, trainer, result, has_val: bool) -> dict[str, Any]:
+    history = trainer.state.log_history
+    train_losses, eval_losses = epoch_losses(history)
+    best = best_epoch(eval_losses)
+    plot_loss_curve(os.path.join(args.output_dir, "loss_curve.png"), history,
+                    f"{os.path.basename(os.path.normpath(args.output_dir))}: loss per epoch")
+    epochs_run = max(train_losses) if train_losses else 0
+    return {
+        "epochs_run": epochs_run,
+        "stopped_early": has_val and epochs_run < args.max_epochs,
+        "best_epoch": best,
+        "best_eval_loss": eval_losses.get(best) if best else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "global_steps": trainer.state.global_step,
+        "train_loss_per_epoch": train_losses,
+        "eval_loss_per_epoch": eval_losses,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+    }
+
+
+def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None) -> None:
+    splits = dl.split_summary(prepared.splits)
+    rows = [
+        f"data        {args.data_file}: {len(prepared.data.users)} user(s), {prepared.data.num_reviews} reviews",
+        *(f"  {n:<5}     {i['samples']:>5} samples  {i['time_range'][0] + ' ~ ' + i['time_range'][1] if i['time_range'] else '-'}"
+          for n, i in splits.items()),
+        f"prompt      profile={'on' if args.use_profile else 'off'} history={'on' if args.use_history else 'off'}"
+        f" max_length={args.max_length}",
+        f"model       {args.model_path}  ({facts['precision']}, {facts['device']})",
+        f"attention   {facts['attention']}: {facts['attention_reason']}",
+        f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
+        f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",
+        f"steps       {facts['optimizer_steps_per_epoch']} optimizer steps/epoch, up to {args.max_epochs} epochs "
+        f"({facts['max_optimizer_steps']} steps), warmup {args.warmup_steps}",
+        f"output      {args.output_dir}",
+    ]
+    if report_msg:
+        rows.append(f"tracking    {report_msg}")
+    logger.info("training setup\n" + "\n".join("  " + r for r in rows))
+
+
+def log_end_summary(args, outcome: dict[str, Any]) -> None:
+    best = (f"best epoch {outcome['best_epoch']} (val loss {outcome['best_eval_loss']:.4f})"
+            if outcome["best_epoch"] else "no validation split: final epoch saved")
+    stop = "stopped early" if outcome["stopped_early"] else "ran all epochs"
+    logger.info("training done: %d epoch(s), %s; %s\n  model and run files: %s\n  loss curve: %s",
+                outcome["epochs_run"], stop, best, os.path.abspath(args.output_dir),
+                os.path.join(args.output_dir, "loss_curve.png"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
