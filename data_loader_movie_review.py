@@ -57,7 +57,8 @@ class ReviewDataError(ValueError):
             where.append(f"user #{user_index}" + (f" ({user_name})" if user_name else ""))
         if record_index is not None:
             where.append(f"record #{record_index}")
-        super().__init__(": ".join(where) + ": " + problem)
+        # One line, whatever the data holds (names and titles may contain newlines).
+        super().__init__((": ".join(where) + ": " + problem).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -416,6 +417,17 @@ class SampleTokenizer:
 
     def encode(self, sample: Sample) -> EncodedSample:
         return self.encode_split([sample])[0]
+
+    def count_text_mismatches(self, encoded: list[EncodedSample], limit: int = 32) -> int:
+        """How many of the first ``limit`` samples' prompt ids differ from ``tokenizer(prompt)``.
+
+        Zero for Qwen-style BPE tokenizers; a tokenizer whose pre-tokenisation crosses newlines may differ, and
+        then generation from the prompt *text* (evaluation) sees slightly different ids than training did.
+        """
+        return sum(
+            self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] != e.input_ids[: e.prompt_length]
+            for e in encoded[:limit]
+        )
 
     def _encode_user(self, samples: list[Sample]) -> list[EncodedSample]:
         user = samples[0].user

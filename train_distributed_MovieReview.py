@@ -300,6 +300,11 @@ def prepare_data(args: argparse.Namespace, data: dl.ReviewData, splits: dict[str
                  tokenizer) -> PreparedData:
     encoder = dl.SampleTokenizer(tokenizer, args.max_length, dl.PromptBuilder(args.use_profile, args.use_history))
     encoded = {name: encoder.encode_split(samples) for name, samples in splits.items()}
+    mismatches = encoder.count_text_mismatches(encoded["train"])
+    if mismatches:
+        logger.warning("with this tokenizer %d of the first %d training prompts tokenize differently as text than "
+                       "as assembled pieces; evaluation generates from the prompt text", mismatches,
+                       min(32, len(encoded["train"])))
     return PreparedData(data, splits, encoded, encoder.truncated_targets)
 
 

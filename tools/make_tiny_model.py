@@ -50,9 +50,17 @@ def load_qwen_tokenizer():
     return tokenizer
 
 
+# Qwen2's pre-tokenisation (from its tokenizer.json): digits split one by one, "\n\n" kept as one piece, etc.
+# The tiny tokenizer uses it too, so prompts split into token pieces exactly as they would with Qwen.
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
 def train_bpe_tokenizer(corpus_files: list[str], vocab_size: int):
-    """A small byte-level BPE (Qwen-style pre-tokenisation is not needed for a test model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE with Qwen2's normaliser and pre-tokenisation, trained on ``corpus_files``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = []
@@ -60,7 +68,11 @@ def train_bpe_tokenizer(corpus_files: list[str], vocab_size: int):
         with open(path, encoding="utf-8") as f:
             texts.append(f.read())
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,0 +1,53 @@
+"""Shared fixtures. Tokenizers are session-scoped: loading the real Qwen vocabulary takes a few seconds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # tests run from the repo root, but be explicit for `tools` and the module
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Real Douban histories live next to the repository (../shared/data/douban_dmr relative to the repo root).
+DOUBAN_DMR_DIR = (REPO_ROOT / ".." / "shared" / "data" / "douban_dmr").resolve()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def example_data_file() -> Path:
+    """The spec's example file: 28 reviews of user "Y"."""
+    path = REPO_ROOT / "example_movie_review_data.json"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def douban_dmr_dir() -> Path:
+    """Folder of real review files; tests that need it are skipped only when the folder is absent."""
+    if not DOUBAN_DMR_DIR.is_dir():
+        pytest.skip(f"real data folder {DOUBAN_DMR_DIR} is absent")
+    return DOUBAN_DMR_DIR
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen BPE vocabulary (offline), eos == pad == <|endoftext|> like Qwen2.5 base."""
+    from tools.make_tiny_model import load_qwen_tokenizer
+
+    return load_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(example_data_file):
+    """Tiny byte-level BPE trained on the example file (make_tiny_model's default vocab size); eos == pad."""
+    from tools.make_tiny_model import train_bpe_tokenizer
+
+    return train_bpe_tokenizer([str(example_data_file)], 2000)
