@@ -133,7 +133,8 @@ def movie_name(prefix: str) -> str:
     return _PREFIX_SUFFIX_RE.sub("", prefix)
 
 
-def _read_json(path: str) -> Any:
+def read_json_file(path: str) -> Any:
+    """Parse a UTF-8 JSON file; any problem is a one-line :class:`ReviewDataError`."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -227,7 +228,7 @@ def load_review_file(path: str) -> ReviewData:
     Empty / whitespace-only reviews are skipped and counted; collections whose type is not ``movie_review``
     are ignored and counted. Raises :class:`ReviewDataError` for anything malformed.
     """
-    obj = _read_json(path)
+    obj = read_json_file(path)
     if isinstance(obj, dict):
         obj = [obj]
     if not isinstance(obj, list):

@@ -36,15 +36,24 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
+
+import data_loader_movie_review as dl
+from run_utils import (
+    UsageError,
+    library_versions,
+    package_version,
+    pyplot,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 TEST_FILE = "test_samples.json"
 EVAL_DIR = "eval"
@@ -65,10 +74,6 @@ METRICS = (
 )
 SCORE_KEYS = tuple(key for key, _ in METRICS if key != "avg_length")  # the ones on the 0-100 scale
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-
-
-class UsageError(Exception):
-    """Bad input. Reported as one line ``error: <message>`` on stderr, exit code 2, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,13 +156,6 @@ def reference_statistics(references: Sequence[str]) -> dict[str, float]:
             "avg_length": average_length(references)}
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def metric_definitions() -> dict[str, Any]:
     """How each score in metrics.json was computed, with library versions and sacrebleu signatures."""
     from sacrebleu.metrics import BLEU, CHRF
@@ -167,7 +165,7 @@ def metric_definitions() -> dict[str, Any]:
     bleu.corpus_score(["a"], [["a"]])
     chrf.corpus_score(["a"], [["a"]])
     bleu_sig, chrf_sig = bleu.get_signature().format(), chrf.get_signature().format()
-    rouge = f"rouge-score {_version('rouge-score')}"
+    rouge = f"rouge-score {package_version('rouge-score')}"
     units = CharTokenizer.description
     return {
         "scale": "bleu, chrf, rouge*, distinct_* are 0-100; avg_length is in characters",
@@ -206,25 +204,17 @@ class SampleSet:
         return [s["reference"] for s in self.samples]
 
 
-def _read_json_file(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """The data loader's JSON reading, with its one-line errors (missing, not UTF-8, bad JSON with position)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a JSON file") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read: {err.strerror or err}") from None
+        return dl.read_json_file(path)
+    except dl.ReviewDataError as err:
+        raise UsageError(str(err)) from None
 
 
 def load_test_samples(path: str) -> SampleSet:
     """Read and check ``test_samples.json``: a non-empty list of objects with string prompt and reference."""
-    data = _read_json_file(path)
+    data = read_json(path)
     expected = "expected test_samples.json as written by train_distributed_MovieReview.py"
     if not isinstance(data, list):
         raise UsageError(f"{path}: not a list of test samples ({expected})")
@@ -393,28 +383,6 @@ def generate_predictions(model_dir: str, prompts: Sequence[str], settings: Gener
 # --------------------------------------------------------------------------------------------------------------
 # Writing results
 # --------------------------------------------------------------------------------------------------------------
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it onto ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
-    # Same folder (os.replace is atomic only within one file system); a plain open() rather than mkstemp, so
-    # the result gets the usual umask permissions instead of mkstemp's owner-only 0600.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
-
-
 def prediction_rows(test: SampleSet, generated: Generated | None,
                     baselines: dict[str, list[str]] | None) -> list[dict[str, Any]]:
     rows = []
@@ -430,13 +398,6 @@ def prediction_rows(test: SampleSet, generated: Generated | None,
             row[f"baseline_{name}"] = outputs[i]
         rows.append(row)
     return rows
-
-
-def library_versions() -> dict[str, str | None]:
-    versions = {"python": platform.python_version()}
-    for package in ("sacrebleu", "rouge-score", "torch", "transformers"):
-        versions[package] = _version(package)
-    return versions
 
 
 def references_digest(references: Sequence[str]) -> str:
@@ -499,7 +460,7 @@ def run_name(metrics_path: str) -> str:
 
 def load_metrics(path: str) -> dict[str, Any]:
     metrics_path = find_metrics_file(path)
-    data = _read_json_file(metrics_path)
+    data = read_json(metrics_path)
     if not (isinstance(data, dict) and "model" in data and isinstance(data.get("baselines"), dict)
             and (data["model"] is None or isinstance(data["model"], dict))):
         raise UsageError(f"{metrics_path}: not a metrics.json written by evaluate_movie_review.py")
@@ -527,11 +488,7 @@ def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str,
 
 def plot_comparison(path: str, rows: Sequence[tuple[str, dict[str, float] | None]]) -> None:
     """Grouped bars: scores (0-100) on the left, average length (characters) on its own axis on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed, and never pops a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     bars = [(name, values or {}) for name, values in rows if name != "reference"]
     reference = dict(rows).get("reference") or {}
     fig, (ax_scores, ax_len) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [6, 1.4]})
@@ -651,7 +608,7 @@ def evaluate(args: argparse.Namespace) -> int:
         } if baselines else None,
         "metric_definitions": metric_definitions(),
         "training_arguments": training_arguments(model_dir),
-        "versions": library_versions(),
+        "versions": library_versions(("sacrebleu", "rouge-score", "torch", "transformers")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runtime_s": round(time.time() - started, 2),
     }
@@ -664,7 +621,7 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = prediction_rows(test, generated, baselines)
     write_text_atomic(os.path.join(out_dir, PREDICTIONS_FILE),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_text_atomic(metrics_path, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    write_json_atomic(metrics_path, metrics)
 
     print(f"{len(test.samples)} test samples from {test_file}")
     print(markdown_table(table_rows(metrics)))

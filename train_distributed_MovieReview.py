@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import math
 import netrc
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import data_loader_movie_review as dl
+from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("movie_review")
 
@@ -43,10 +43,6 @@ RUN_ARTIFACTS = (
     "training_args.bin", "eval",
 )
 _CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
-
-
-class UsageError(Exception):
-    """A user error: reported as one line, exit code 2, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,19 +315,7 @@ def write_preview(path: str, encoded: list[dl.EncodedSample], total: int) -> Non
             f"; 历史 {enc.history_count}/{len(s.history)} 条" + ("; target 已截断" if enc.target_truncated else "")
             + f"\n----- 输入 (prompt) -----\n{enc.prompt}----- 输出 (target, 计算 loss) -----\n{s.target.text}\n"
         )
-    _write_text(path, "\n".join(blocks))
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write via a temporary file so an interrupted run never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomic(path, "\n".join(blocks))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -356,11 +340,9 @@ def best_epoch(eval_losses: dict[int, float]) -> int | None:
 
 
 def plot_loss_curve(path: str, log_history: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train, evaluation = epoch_losses(log_history)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     if train:
@@ -371,28 +353,15 @@ def plot_loss_curve(path: str, log_history: list[dict[str, Any]], title: str) ->
         ax.axvline(best, color="gray", linestyle="--", linewidth=1)
         ax.plot([best], [evaluation[best]], "*", markersize=16, color="crimson",
                 label=f"best epoch {best} ({evaluation[best]:.4f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (review tokens + EOS)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "accelerate", "wandb", "flash-attn"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -498,9 +467,9 @@ def train(args: argparse.Namespace, rank: int) -> int:
                 "reviews": prepared.data.num_reviews, "splits": dl.split_summary(prepared.splits),
             },
             "result": outcome,
-            "versions": library_versions(),
+            "versions": library_versions(("torch", "transformers", "accelerate", "wandb", "flash-attn")),
         }
-        _write_json(os.path.join(args.output_dir, FINISHED_MARKER), config)
+        write_json_atomic(os.path.join(args.output_dir, FINISHED_MARKER), config)
         log_end_summary(args, outcome)
     return 0
 
@@ -552,7 +521,7 @@ def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report
                        prepared.truncated_targets)
     write_preview(os.path.join(args.output_dir, "training_samples_preview.txt"), prepared.encoded["train"],
                   len(prepared.encoded["train"]))
-    _write_json(os.path.join(args.output_dir, "test_samples.json"),
+    write_json_atomic(os.path.join(args.output_dir, "test_samples.json"),
                 [dl.sample_record(e) for e in prepared.encoded["test"]])
 
 
@@ -560,8 +529,8 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments
 
     has_val = bool(prepared.encoded["val"])
-    if args.wandb_project:
-        os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
+    if report_to == "wandb":  # transformers' W&B callback reads the project from the environment
+        os.environ["WANDB_PROJECT"] = args.wandb_project
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,

@@ -501,10 +501,14 @@ def test_wandb_offline_fallback_never_blocks_and_keeps_secrets_out(tmp_path, tin
     out = tmp_path / "run"
     env = clean_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), HF_TOKEN="hf_SECRET_token_123")
     proc = run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
-                     "--max_epochs", "1", "--warmup_steps", "0", env=env, cwd=str(tmp_path), timeout=240)
+                     "--max_epochs", "1", "--warmup_steps", "0", "--wandb_project", "ProjFromFlag",
+                     "--wandb_run_name", "RunFromFlag", env=env, cwd=str(tmp_path), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "logging offline" in proc.stderr
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1  # one run, made by rank 0
+    record = runs[0].read_bytes()
+    assert b"ProjFromFlag" in record and b"RunFromFlag" in record
     assert read_config(out)["resolved"]["report_to"] == "wandb"
     for path in out.rglob("*"):
         if path.is_file():

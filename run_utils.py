@@ -1,0 +1,79 @@
+"""Small helpers shared by the training and evaluation scripts: user errors, atomic writes, versions, plots.
+
+Kept free of torch/transformers imports so that error paths and ``--compare`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+# Fonts that carry Chinese glyphs, most common first (Linux, macOS, Windows). Matplotlib's default DejaVu Sans
+# has none, so Chinese run names and titles would otherwise be drawn as empty boxes.
+_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+              "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Arial Unicode MS")
+
+
+class UsageError(Exception):
+    """A user error: reported as one line ``error: <message>`` on stderr, exit code 2, no traceback."""
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it onto ``path``:
+    a crash leaves either the old file or the new one, never half of one."""
+    # Same folder (os.replace is atomic only within one file system); a plain open() rather than mkstemp, so
+    # the result gets the usual umask permissions instead of mkstemp's owner-only 0600.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomic(path, write)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions(packages: Iterable[str]) -> dict[str, str | None]:
+    """Python and the given packages' installed versions (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    versions.update({name: package_version(name) for name in packages})
+    return versions
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), with a Chinese-capable font when installed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [name for name in _CJK_FONTS if name in installed]
+    if cjk:
+        plt.rcParams["font.sans-serif"] = [*cjk, *plt.rcParams["font.sans-serif"]]
+        plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack the Unicode minus sign
+    return plt
