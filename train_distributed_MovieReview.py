@@ -389,7 +389,9 @@ def model_source(model_path: str, environ: dict[str, str]) -> tuple[str, bool]:
             raise UsageError(f"--model_path {model_path}: no such local folder")
         return path, True
     offline = environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline and not hub_reachable(environ.get("HF_ENDPOINT", "https://huggingface.co")):
+    # Behind a proxy a direct connection proves nothing: leave the decision to huggingface_hub then.
+    proxied = any(environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not offline and not proxied and not hub_reachable(environ.get("HF_ENDPOINT", "https://huggingface.co")):
         logger.warning("model hub unreachable: looking for %s in the local Hugging Face cache only", model_path)
         offline = True
     return path, offline

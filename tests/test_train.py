@@ -211,6 +211,22 @@ def test_this_machine_falls_back_to_sdpa_without_flash_attn():
     assert (plan.attention, plan.attention_reason) == ("sdpa", "no CUDA GPU")
 
 
+def test_model_source_local_folder_hub_and_offline(tmp_path, monkeypatch):
+    assert tr.model_source(str(tmp_path), {}) == (str(tmp_path), True)
+    with pytest.raises(tr.UsageError, match="no such local folder"):
+        tr.model_source("./no-such-model", {})
+    probed = []
+    monkeypatch.setattr(tr, "hub_reachable", lambda endpoint: probed.append(endpoint) or False)
+    assert tr.model_source("Qwen/Qwen2.5-3B", {"HF_ENDPOINT": "https://hf-mirror.example"}) \
+        == ("Qwen/Qwen2.5-3B", True)  # unreachable hub: local cache only
+    assert probed == ["https://hf-mirror.example"]
+    assert tr.model_source("Qwen/Qwen2.5-3B", {"HF_HUB_OFFLINE": "1"}) == ("Qwen/Qwen2.5-3B", True)
+    assert tr.model_source("Qwen/Qwen2.5-3B", {"HTTPS_PROXY": "http://proxy:3128"}) == ("Qwen/Qwen2.5-3B", False)
+    assert len(probed) == 1  # neither offline mode nor a proxy probes the hub
+    monkeypatch.setattr(tr, "hub_reachable", lambda endpoint: True)
+    assert tr.model_source("Qwen/Qwen2.5-3B", {}) == ("Qwen/Qwen2.5-3B", False)
+
+
 def test_wandb_without_credentials_goes_offline(tmp_path):
     env = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "missing-netrc")}
     report_to, message = tr.configure_reporting(None, env, wandb_installed=True)
