@@ -339,6 +339,13 @@ def test_ablations_change_exactly_their_part_of_the_preview(tmp_path, tiny_model
                f"请为电影《{s['movie']}》写一条影评：\n" for s in baseline_test)
 
 
+def test_small_data_warns_when_warmup_outlasts_training(tmp_path, tiny_model, caplog):
+    caplog.set_level("WARNING", logger="movie_review")
+    preview(tmp_path, tiny_model)  # defaults: 19 samples, 2 x 8 per step -> 2 steps/epoch, 100 steps in 50 epochs
+    assert "--warmup_steps 100 >= the 100 optimizer steps of the whole run (2 per epoch)" in caplog.text
+    assert "Consider --warmup_steps 10" in caplog.text
+
+
 def test_overwrite_output_dir_clears_previous_run(tmp_path, tiny_model):
     out = tmp_path / "old"
     out.mkdir()
@@ -469,6 +476,21 @@ def test_early_stopping_stops_and_keeps_the_best_model(tmp_path, tiny_model):
     assert result["best_eval_loss"] == min(losses.values())
     assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
     assert_same_weights(state_dict(out), state_dict(Path(result["best_checkpoint"])))
+
+
+def test_empty_validation_split_trains_every_epoch_without_early_stopping(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    proc = run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
+                     "--train_ratio", "0.85", "--val_ratio", "0", "--test_ratio", "0.15", "--max_epochs", "2",
+                     "--warmup_steps", "0", "--report_to", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the validation split is empty" in proc.stderr
+    result = read_config(out)["result"]
+    assert (result["epochs_run"], result["stopped_early"], result["best_epoch"]) == (2, False, None)
+    assert result["eval_loss_per_epoch"] == {}
+    # No validation: the final model is the last epoch's (23 samples, 12 micro-batches -> 2 steps/epoch).
+    assert result["global_steps"] == 4
+    assert_same_weights(state_dict(out), state_dict(out / "checkpoint-4"))
 
 
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, tiny_model):
