@@ -361,13 +361,12 @@ class EncodedSample:
     prompt_length: int  # tokens before the target
     history_count: int  # history items kept in the prompt
     target_truncated: bool
+    builder: PromptBuilder = field(default=PromptBuilder(), repr=False)  # the builder the ids came from
 
     @property
     def prompt(self) -> str:
         """The rendered prompt these ids came from (same history items)."""
-        return self._builder.render(self.sample, self.history_count)
-
-    _builder: PromptBuilder = field(default=PromptBuilder(), repr=False)
+        return self.builder.render(self.sample, self.history_count)
 
     def as_features(self) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
