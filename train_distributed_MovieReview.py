@@ -34,6 +34,7 @@ from run_utils import UsageError, library_versions, pyplot, write_atomic, write_
 logger = logging.getLogger("movie_review")
 
 PREVIEW_SAMPLES = 3
+PROMPT_CHECK_SAMPLES = 32  # training prompts re-tokenized as text to check they match the assembled ids
 FINISHED_MARKER = "training_config.json"  # written last: its presence means the run finished
 # Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
 RUN_ARTIFACTS = (
@@ -296,11 +297,11 @@ def prepare_data(args: argparse.Namespace, data: dl.ReviewData, splits: dict[str
                  tokenizer) -> PreparedData:
     encoder = dl.SampleTokenizer(tokenizer, args.max_length, dl.PromptBuilder(args.use_profile, args.use_history))
     encoded = {name: encoder.encode_split(samples) for name, samples in splits.items()}
-    mismatches = encoder.count_text_mismatches(encoded["train"])
+    mismatches = encoder.count_text_mismatches(encoded["train"], limit=PROMPT_CHECK_SAMPLES)
     if mismatches:
         logger.warning("with this tokenizer %d of the first %d training prompts tokenize differently as text than "
                        "as assembled pieces; evaluation generates from the prompt text", mismatches,
-                       min(32, len(encoded["train"])))
+                       min(PROMPT_CHECK_SAMPLES, len(encoded["train"])))
     return PreparedData(data, splits, encoded, encoder.truncated_targets)
 
 
@@ -524,7 +525,7 @@ def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report
     write_preview(os.path.join(args.output_dir, "training_samples_preview.txt"), prepared.encoded["train"],
                   len(prepared.encoded["train"]))
     write_json_atomic(os.path.join(args.output_dir, "test_samples.json"),
-                [dl.sample_record(e) for e in prepared.encoded["test"]])
+                      [dl.sample_record(e) for e in prepared.encoded["test"]])
 
 
 def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str):
