@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import data_loader_movie_review as dl
+from precision import PRECISIONS, PrecisionPlan, optimi_importable, plan_precision
 from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("movie_review")
@@ -89,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     run = p.add_argument_group("run")
     run.add_argument("--disable_flash_attn", action="store_true", help="use PyTorch SDPA even if FlashAttention 2 works")
+    run.add_argument("--precision", choices=PRECISIONS, default="auto",
+                     help="auto: bf16-mixed on a bf16 GPU (fp32 master weights, bf16 compute), fp16-mixed on "
+                          "older GPUs, fp32 on CPU. bf16-pure: bf16 weights + Kahan-compensated AdamW (less memory)")
     run.add_argument("--report_to", choices=["wandb", "none"], default=None,
                      help="experiment tracking (default: wandb if installed, offline when not logged in)")
     run.add_argument("--wandb_project", default="MovieReview", help="W&B project name")
@@ -113,17 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------
 # Decisions (pure functions: unit-tested without a GPU)
 # --------------------------------------------------------------------------------------------------------------
-def choose_precision(cuda_available: bool, bf16_supported: bool) -> str:
-    """bf16 where the GPU supports it, else fp16 (mixed precision) on GPU, fp32 on CPU."""
-    if not cuda_available:
-        return "fp32"
-    return "bf16" if bf16_supported else "fp16"
-
-
 def choose_attention(disable_flash_attn: bool, flash_attn_importable: bool, cuda_available: bool,
-                     precision: str, compute_capability: tuple[int, int] | None) -> tuple[str, str]:
+                     compute_dtype: str, compute_capability: tuple[int, int] | None) -> tuple[str, str]:
     """Return (attn_implementation, reason). FlashAttention 2 only when every condition holds.
 
+    ``compute_dtype`` is the dtype the maths runs in (``PrecisionPlan.compute_dtype``): under bf16/fp16 autocast
+    the weights may be fp32 and FA2 still runs, because its inputs are half precision.
     We decide ourselves and never ask transformers for "flash_attention_2" when it cannot run: without the
     package it raises, and with the ``kernels`` package installed it may try to fetch a kernel from the hub.
     """
@@ -135,9 +134,9 @@ def choose_attention(disable_flash_attn: bool, flash_attn_importable: bool, cuda
         return "sdpa", "flash_attn is not installed (pip install flash-attn --no-build-isolation)"
     if compute_capability is not None and compute_capability < (8, 0):
         return "sdpa", f"GPU compute capability {compute_capability[0]}.{compute_capability[1]} < 8.0 (Ampere)"
-    if precision not in ("bf16", "fp16"):
-        return "sdpa", f"FlashAttention 2 needs fp16/bf16, precision is {precision}"
-    return "flash_attention_2", "flash_attn available on a CUDA GPU with half precision"
+    if compute_dtype not in ("bf16", "fp16"):
+        return "sdpa", f"FlashAttention 2 needs fp16/bf16 compute, precision is {compute_dtype}"
+    return "flash_attention_2", f"flash_attn available on a CUDA GPU, {compute_dtype} compute"
 
 
 def flash_attn_importable() -> bool:
@@ -154,37 +153,37 @@ def flash_attn_importable() -> bool:
 class RuntimePlan:
     """Everything decided about the hardware, in one place: what the model is loaded with and trained in."""
 
-    precision: str  # bf16 | fp16 | fp32
-    weights_dtype: str  # dtype the weights are loaded in
+    precision: PrecisionPlan  # weights dtype, autocast, optimizer (precision.py)
     attention: str  # attn_implementation passed to from_pretrained
     attention_reason: str
     device: str  # cuda | cpu
     pad_to_multiple_of: int | None  # tensor-core friendly shapes on GPU
 
+    @property
+    def weights_dtype(self) -> str:
+        return self.precision.weights_dtype
+
     def training_kwargs(self) -> dict[str, Any]:
-        return {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16",
-                "use_cpu": self.device == "cpu", "dataloader_pin_memory": self.device == "cuda"}
+        return {**self.precision.training_kwargs(), "use_cpu": self.device == "cpu",
+                "dataloader_pin_memory": self.device == "cuda"}
 
 
 def plan_runtime(disable_flash_attn: bool, cuda_available: bool, bf16_supported: bool,
-                 compute_capability: tuple[int, int] | None, flash_attn_ok: bool) -> RuntimePlan:
-    precision = choose_precision(cuda_available, bf16_supported)
-    attention, reason = choose_attention(disable_flash_attn, flash_attn_ok, cuda_available, precision,
+                 compute_capability: tuple[int, int] | None, flash_attn_ok: bool, precision: str = "auto",
+                 finetuning_type: str = "full", optimi_available: bool = True) -> RuntimePlan:
+    plan = plan_precision(precision, cuda_available, bf16_supported, finetuning_type, optimi_available)
+    attention, reason = choose_attention(disable_flash_attn, flash_attn_ok, cuda_available, plan.compute_dtype,
                                          compute_capability)
-    # bf16: weights in bf16 (a 3B full fine-tune fits one 40-80 GB GPU, as LLaMA-Factory does); fp16: fp32
-    # weights + fp16 autocast, because fp16 weights cannot be trained with a GradScaler.
-    weights = "bfloat16" if precision == "bf16" else "float32"
-    return RuntimePlan(precision, weights, attention, reason, "cuda" if cuda_available else "cpu",
-                       8 if cuda_available else None)
+    return RuntimePlan(plan, attention, reason, "cuda" if cuda_available else "cpu", 8 if cuda_available else None)
 
 
-def detect_runtime(disable_flash_attn: bool) -> RuntimePlan:
+def detect_runtime(args: argparse.Namespace) -> RuntimePlan:
     import torch
 
     cuda = torch.cuda.is_available()
-    return plan_runtime(disable_flash_attn, cuda, cuda and torch.cuda.is_bf16_supported(),
-                        torch.cuda.get_device_capability() if cuda else None,
-                        cuda and flash_attn_importable())
+    return plan_runtime(args.disable_flash_attn, cuda, cuda and torch.cuda.is_bf16_supported(),
+                        torch.cuda.get_device_capability() if cuda else None, cuda and flash_attn_importable(),
+                        args.precision, getattr(args, "finetuning_type", "full"), optimi_importable())
 
 
 def wandb_logged_in(environ: dict[str, str]) -> bool:
@@ -431,6 +430,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
     check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
     report_to, report_msg = configure_reporting(args.report_to, os.environ,
                                                 importlib.util.find_spec("wandb") is not None)
+    plan = detect_runtime(args)  # flag/hardware conflicts are refused here, before data or model load
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
     data, splits = load_splits(args)
 
@@ -440,7 +440,6 @@ def train(args: argparse.Namespace, rank: int) -> int:
     source, local_only = model_source(args.model_path, os.environ)
     tokenizer = load_tokenizer(args, source, local_only)
     prepared = prepare_data(args, data, splits, tokenizer)
-    plan = detect_runtime(args.disable_flash_attn)
     facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
     model = None if args.preview_only else load_model(args, source, local_only, plan)
 
@@ -470,7 +469,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
                 "reviews": prepared.data.num_reviews, "splits": dl.split_summary(prepared.splits),
             },
             "result": outcome,
-            "versions": library_versions(("torch", "transformers", "accelerate", "wandb", "flash-attn")),
+            "versions": library_versions(("torch", "transformers", "accelerate", "wandb", "flash-attn", "torch-optimi")),
         }
         write_json_atomic(os.path.join(args.output_dir, FINISHED_MARKER), config)
         log_end_summary(args, outcome)
@@ -495,7 +494,9 @@ def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, 
     steps_per_epoch = optimizer_steps_per_epoch(len(prepared.encoded["train"]), args.batch_size, world_size,
                                                 args.gradient_accumulation_steps)
     return {
-        "precision": plan.precision, "dtype": plan.weights_dtype, "attention": plan.attention,
+        "precision": plan.precision.mode, "precision_reason": plan.precision.reason,
+        "optimizer": plan.precision.optimizer, "optimizer_reason": plan.precision.optimizer_reason,
+        "dtype": plan.weights_dtype, "attention": plan.attention,
         "attention_reason": plan.attention_reason, "device": plan.device, "world_size": world_size,
         "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size,
         "optimizer_steps_per_epoch": steps_per_epoch, "max_optimizer_steps": steps_per_epoch * args.max_epochs,
@@ -557,6 +558,8 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         seed=args.seed,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: little padding
         ddp_find_unused_parameters=False,
+        # On resume, early stopping continues with its patience counter instead of starting over.
+        restore_callback_states_from_checkpoint=True,
         activation_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,
         **plan.training_kwargs(),
@@ -571,6 +574,7 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
                                              pad_to_multiple_of=plan.pad_to_multiple_of,
                                              label_pad_token_id=dl.IGNORE_INDEX),
         processing_class=tokenizer,
+        optimizer_cls_and_kwargs=plan.precision.optimizer_cls_and_kwargs(args.learning_rate),
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
     )
 
@@ -618,7 +622,9 @@ def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], repor
           for n, i in splits.items()),
         f"prompt      profile={'on' if args.use_profile else 'off'} history={'on' if args.use_history else 'off'}"
         f" max_length={args.max_length}",
-        f"model       {args.model_path}  ({facts['precision']}, {facts['device']})",
+        f"model       {args.model_path}  ({facts['device']}, weights {facts['dtype']})",
+        f"precision   {facts['precision']}: {facts['precision_reason']}",
+        f"optimizer   {facts['optimizer']}: {facts['optimizer_reason']}",
         f"attention   {facts['attention']}: {facts['attention_reason']}",
         f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",

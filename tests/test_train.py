@@ -146,14 +146,8 @@ def test_invalid_numbers_are_rejected(argv, capsys):
     assert exc.value.code == 2
 
 
-def test_precision_choice():
-    assert tr.choose_precision(cuda_available=False, bf16_supported=False) == "fp32"
-    assert tr.choose_precision(cuda_available=True, bf16_supported=True) == "bf16"
-    assert tr.choose_precision(cuda_available=True, bf16_supported=False) == "fp16"
-
-
 @pytest.mark.parametrize(
-    ("disable", "installed", "cuda", "precision", "capability", "expected", "reason_part"),
+    ("disable", "installed", "cuda", "compute", "capability", "expected", "reason_part"),
     [
         (True, True, True, "bf16", (9, 0), "sdpa", "--disable_flash_attn"),
         (False, True, False, "fp32", None, "sdpa", "no CUDA GPU"),
@@ -164,27 +158,34 @@ def test_precision_choice():
         (False, True, True, "fp16", (8, 9), "flash_attention_2", "flash_attn available"),
     ],
 )
-def test_attention_choice_each_branch(disable, installed, cuda, precision, capability, expected, reason_part):
-    attn, reason = tr.choose_attention(disable, installed, cuda, precision, capability)
+def test_attention_choice_each_branch(disable, installed, cuda, compute, capability, expected, reason_part):
+    attn, reason = tr.choose_attention(disable, installed, cuda, compute, capability)
     assert attn == expected
     assert reason_part in reason
 
 
 def test_runtime_plan_for_flash_attention_gpu():
+    """bf16 GPU, full fine-tune: fp32 master weights, bf16 autocast, and FA2 still chosen (bf16 compute)."""
     plan = tr.plan_runtime(disable_flash_attn=False, cuda_available=True, bf16_supported=True,
                            compute_capability=(9, 0), flash_attn_ok=True)
-    assert (plan.attention, plan.precision, plan.weights_dtype) == ("flash_attention_2", "bf16", "bfloat16")
+    assert (plan.attention, plan.precision.mode, plan.weights_dtype) == ("flash_attention_2", "bf16-mixed", "float32")
     assert plan.pad_to_multiple_of == 8
     assert plan.training_kwargs() == {"bf16": True, "fp16": False, "use_cpu": False, "dataloader_pin_memory": True}
 
 
 def test_runtime_plan_for_old_gpu_and_cpu():
     v100 = tr.plan_runtime(False, True, False, (7, 0), True)
-    assert (v100.attention, v100.precision, v100.weights_dtype) == ("sdpa", "fp16", "float32")
+    assert (v100.attention, v100.precision.mode, v100.weights_dtype) == ("sdpa", "fp16-mixed", "float32")
     assert v100.training_kwargs()["fp16"] is True
     cpu = tr.plan_runtime(False, False, False, None, False)
-    assert (cpu.attention, cpu.precision, cpu.device, cpu.pad_to_multiple_of) == ("sdpa", "fp32", "cpu", None)
+    assert (cpu.attention, cpu.precision.mode, cpu.device, cpu.pad_to_multiple_of) == ("sdpa", "fp32", "cpu", None)
     assert cpu.training_kwargs() == {"bf16": False, "fp16": False, "use_cpu": True, "dataloader_pin_memory": False}
+
+
+def test_flash_attention_with_pure_bf16_loads_bf16_weights():
+    plan = tr.plan_runtime(False, True, True, (8, 0), True, precision="bf16-pure")
+    assert (plan.attention, plan.weights_dtype, plan.precision.optimizer) == \
+        ("flash_attention_2", "bfloat16", "optimi_adamw_kahan")
 
 
 def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
@@ -198,14 +199,15 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
     plan = tr.plan_runtime(False, True, True, (8, 0), True)
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out"])
     assert tr.load_model(args, "/models/qwen", True, plan) == "model"
-    assert seen == {"source": "/models/qwen", "dtype": torch.bfloat16, "attn_implementation": "flash_attention_2",
+    # bf16-mixed: fp32 master weights; FA2 runs on the bf16 activations autocast gives it.
+    assert seen == {"source": "/models/qwen", "dtype": torch.float32, "attn_implementation": "flash_attention_2",
                     "trust_remote_code": False, "local_files_only": True}
 
 
 def test_this_machine_falls_back_to_sdpa_without_flash_attn():
     import torch
 
-    plan = tr.detect_runtime(disable_flash_attn=False)
+    plan = tr.detect_runtime(tr.parse_args(["--data_file", "d.json", "--output_dir", "out"]))
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert (plan.attention, plan.attention_reason) == ("sdpa", "no CUDA GPU")
