@@ -164,8 +164,11 @@ def load_model_and_tokenizer(model_dir: str, device: str = "auto", dtype: str = 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only or tokenizer_source == model_dir)
         # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
+        # adapter_kwargs: transformers 5.24 looks for an adapter_config.json on the hub for any hub id without
+        # passing local_files_only on, which costs ~30 s of retries offline.
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     local_files_only=local_only)
+                                                     local_files_only=local_only,
+                                                     adapter_kwargs={"local_files_only": local_only})
     except (OSError, ValueError, KeyError) as err:
         if kind == KIND_ADAPTER:
             raise UsageError(f"{model_dir}: cannot load the adapter's base model {base!r}: {one_line(err)}; pass "
