@@ -45,12 +45,6 @@ def test_check_model_dir_errors(tmp_path):
         ml.check_model_dir(str(touch(tmp_path / "empty")))
 
 
-def test_device_and_dtype_rule():
-    assert ml.resolve_device_dtype("auto", "auto", cuda_available=False, bf16_supported=False) == ("cpu", "fp32")
-    assert ml.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=True) == ("cuda", "bf16")
-    assert ml.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=False) == ("cuda", "fp32")
-
-
 def test_base_model_source(tmp_path, monkeypatch):
     base = touch(tmp_path / "base")
     assert ml.base_model_source(str(base), {}) == (str(base), True)
