@@ -25,7 +25,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -517,6 +517,42 @@ def sample_record(enc: EncodedSample) -> dict[str, Any]:
         "target_truncated": enc.target_truncated,
         "earlier_reviews": [r.text for r in s.history],
     }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A review of a new film (generate_review.py): the same prompt as training, after the user's whole history
+# --------------------------------------------------------------------------------------------------------------
+NEW_REVIEW_SPLIT = "new"
+
+
+def new_review_sample(user: UserHistory, movie: str) -> Sample:
+    """A sample asking ``user`` for a review of ``movie`` now, i.e. after all of their reviews.
+
+    Its history is the user's whole history, oldest first (a film already in it is allowed: that review stays
+    in the history). The target is a placeholder with empty text, timed with the last review; only its movie
+    name reaches the prompt. The user object itself is not changed.
+    """
+    last_time = user.reviews[-1].time if user.reviews else datetime.min
+    placeholder = Review(user.index, user.name, -1, movie, "", "", last_time)
+    return Sample(replace(user, reviews=[*user.reviews, placeholder]), len(user.reviews), NEW_REVIEW_SPLIT)
+
+
+def encode_new_review(tokenizer, user: UserHistory, movie: str, builder: PromptBuilder, max_length: int | None,
+                      max_new_tokens: int) -> EncodedSample:
+    """Prompt text and ids for a new review of ``movie``: ``enc.prompt`` and ``enc.input_ids[:enc.prompt_length]``.
+
+    Budget: prompt + ``max_new_tokens`` <= ``max_length`` (the run's --max_length with room kept for the
+    review), the most recent history that fits is kept, exactly as in training. SampleTokenizer's budget holds
+    prompt + target + EOS; with an empty target, a budget of ``max_length - max_new_tokens + 1`` leaves the
+    prompt ``max_length - max_new_tokens`` tokens. ``max_length=None``: the whole history.
+    """
+    budget = None if max_length is None else max_length - max_new_tokens + 1
+    try:
+        return SampleTokenizer(tokenizer, budget, builder).encode(new_review_sample(user, movie))
+    except ReviewDataError:  # SampleTokenizer's message would name the reduced budget: say it in the user's terms
+        raise ReviewDataError(f"--max_length {max_length}", f"leaves no room for the prompt for {movie!r} (even "
+                              f"without history) plus --max_new_tokens {max_new_tokens}",
+                              user.index, user.name) from None
 
 
 # --------------------------------------------------------------------------------------------------------------

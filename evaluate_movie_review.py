@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import data_loader_movie_review as dl
+import model_loading
+from model_loading import load_model_and_tokenizer
 from run_utils import (
     UsageError,
     library_versions,
@@ -262,6 +264,7 @@ class GenerationSettings:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    base_model: str | None = None  # overrides a LoRA adapter's recorded base model
 
 
 @dataclass
@@ -270,16 +273,6 @@ class Generated:
     token_counts: list[int]  # new tokens before EOS (EOS itself not counted)
     hit_limit: list[bool]  # no EOS within max_new_tokens: the output was cut off
     info: dict[str, Any]  # resolved device / dtype / generation config, for metrics.json
-
-
-def resolve_device_dtype(device: str, dtype: str, cuda_available: bool, bf16_supported: bool) -> tuple[str, str]:
-    """``auto``: the GPU when there is one, in bf16 where it is supported (fp32 otherwise: fp16 can overflow
-    in Qwen's activations); the CPU in fp32."""
-    if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") and bf16_supported else "fp32"
-    return device, dtype
 
 
 def generation_config_kwargs(settings: GenerationSettings, eos_id: int, pad_id: int) -> dict[str, Any]:
@@ -303,35 +296,6 @@ def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
     return ids, True
 
 
-def load_model_and_tokenizer(model_dir: str, settings: GenerationSettings):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cuda = torch.cuda.is_available()
-    device, dtype = resolve_device_dtype(settings.device, settings.dtype, cuda,
-                                         cuda and torch.cuda.is_bf16_supported())
-    if device.startswith("cuda") and not cuda:
-        raise UsageError(f"--device {device}: no CUDA GPU is available here")
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype,
-                                                     trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        # transformers' messages span several lines; the contract is one line, so fold and shorten it.
-        reason = " ".join(str(err).split()) or type(err).__name__
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
-        raise UsageError(f"{model_dir}: cannot load the model/tokenizer: {reason}") from None
-    if tokenizer.eos_token_id is None:
-        raise UsageError(f"{model_dir}: the tokenizer has no EOS token, so generation could never stop")
-    # Decoder-only batches must be padded on the left so every prompt ends where generation starts.
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # Qwen2.5 base does the same (pad == eos)
-    model.to(device).eval()
-    return model, tokenizer, device, dtype
-
-
 def generate_predictions(model_dir: str, prompts: Sequence[str], settings: GenerationSettings,
                          progress: bool = True) -> Generated:
     """One continuation per prompt, greedy unless ``settings.do_sample``."""
@@ -339,7 +303,10 @@ def generate_predictions(model_dir: str, prompts: Sequence[str], settings: Gener
     from tqdm.auto import tqdm
     from transformers import GenerationConfig, set_seed
 
-    model, tokenizer, device, dtype = load_model_and_tokenizer(model_dir, settings)
+    loaded = load_model_and_tokenizer(model_dir, settings.device, settings.dtype, settings.trust_remote_code,
+                                      settings.base_model)
+    print(loaded.summary, file=sys.stderr)
+    model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     gen_kwargs = generation_config_kwargs(settings, eos_id, pad_id)
     gen_config = GenerationConfig(**gen_kwargs)
@@ -541,12 +508,11 @@ def compare(paths: Sequence[str], out_png: str) -> int:
 # Evaluation
 # --------------------------------------------------------------------------------------------------------------
 def check_model_dir(model_dir: str, need_model: bool) -> None:
-    if not os.path.exists(model_dir):
-        raise UsageError(f"{model_dir}: model folder not found")
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"{model_dir}: not a folder")
-    if need_model and not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UsageError(f"{model_dir}: no config.json, not a model folder (has training finished?)")
+    if need_model:  # a full model or a LoRA adapter (model_loading knows both)
+        model_loading.check_model_dir(model_dir)
+    elif not os.path.isdir(model_dir):
+        raise UsageError(f"{model_dir}: model folder not found" if not os.path.exists(model_dir)
+                         else f"{model_dir}: not a folder")
 
 
 def training_arguments(model_dir: str) -> dict[str, Any] | None:
@@ -582,7 +548,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if not args.baselines_only:
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
-                                      args.trust_remote_code)
+                                      args.trust_remote_code, args.base_model)
         generated = generate_predictions(model_dir, [s["prompt"] for s in test.samples], settings,
                                          progress=not args.no_progress)
 
@@ -654,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weights dtype; auto = bf16 on a GPU that supports it, else fp32")
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from MODEL_DIR")
+    p.add_argument("--base_model", help="base model of a LoRA adapter run, if not where adapter_config.json says")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="compare evaluated runs (run dir, its eval dir, or a metrics.json) instead of evaluating")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import evaluate_movie_review as ev
+import model_loading as ml
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "evaluate_movie_review.py")
@@ -275,11 +276,11 @@ def test_sampling_is_reproducible_with_its_seed(tiny_run, tmp_path):
 
 
 def test_device_and_dtype_choice():
-    assert ev.resolve_device_dtype("auto", "auto", cuda_available=False, bf16_supported=False) == ("cpu", "fp32")
-    assert ev.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=True) == ("cuda", "bf16")
-    assert ev.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=False) == ("cuda", "fp32")
-    assert ev.resolve_device_dtype("cpu", "auto", cuda_available=True, bf16_supported=True) == ("cpu", "fp32")
-    assert ev.resolve_device_dtype("cuda:1", "fp16", cuda_available=True, bf16_supported=True) == ("cuda:1", "fp16")
+    assert ml.resolve_device_dtype("auto", "auto", cuda_available=False, bf16_supported=False) == ("cpu", "fp32")
+    assert ml.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=True) == ("cuda", "bf16")
+    assert ml.resolve_device_dtype("auto", "auto", cuda_available=True, bf16_supported=False) == ("cuda", "fp32")
+    assert ml.resolve_device_dtype("cpu", "auto", cuda_available=True, bf16_supported=True) == ("cpu", "fp32")
+    assert ml.resolve_device_dtype("cuda:1", "fp16", cuda_available=True, bf16_supported=True) == ("cuda:1", "fp16")
 
 
 def test_greedy_settings_do_not_carry_sampling_knobs():
