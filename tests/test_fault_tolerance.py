@@ -264,11 +264,12 @@ def test_second_signal_exits_at_once_and_handlers_are_restored():
 # --------------------------------------------------------------------------------------------------------------
 # Real runs
 # --------------------------------------------------------------------------------------------------------------
-def start_train(*args: str, torchrun: int = 0, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_train(*args: str, torchrun: int = 0, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                cwd: str | None = None) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                 *extra] if torchrun else [sys.executable]
     return subprocess.Popen([*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=clean_env(), cwd=str(REPO), stdin=subprocess.DEVNULL)
+                            text=True, env=env or clean_env(), cwd=cwd or str(REPO), stdin=subprocess.DEVNULL)
 
 
 def wait_for_checkpoints(proc: subprocess.Popen, out: Path, count: int, timeout: float = 240) -> list[str]:
@@ -383,8 +384,9 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_a_resume_completes(tmp_
     out = tmp_path / "run"
     common = ["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny, "--max_epochs", "2",
               "--batch_size", "4", "--gradient_accumulation_steps", "1", "--warmup_steps", "0",
-              "--learning_rate", "1e-3", "--save_steps", "2", "--report_to", "none"]
-    proc = start_train(*common)
+              "--learning_rate", "1e-3", "--save_steps", "2", "--report_to", "wandb"]
+    env = clean_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_MODE="offline")
+    proc = start_train(*common, env=env, cwd=str(tmp_path))
     wait_for_checkpoints(proc, out, 1)  # checkpoint-2 of 5 steps per epoch
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=240)
@@ -395,11 +397,15 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_a_resume_completes(tmp_
     step = int(stopped[0].split("optimizer step ")[1].split(";")[0])
     assert 2 <= step < 10
     assert ft.latest_complete_checkpoint(str(out)) == str(out / f"checkpoint-{step}")
-    assert stopped[0].endswith("--save_steps 2 --report_to none --resume_from_checkpoint")
+    assert stopped[0].endswith("--save_steps 2 --report_to wandb --resume_from_checkpoint")
     assert not (out / "training_config.json").exists()
 
-    resumed = run_train(*common, "--resume_from_checkpoint")
+    resumed = run_train(*common, "--resume_from_checkpoint", env=env, cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Both starts logged into the same W&B run: the id stored in output_dir (offline runs end with their id).
+    run_id = (out / ft.WANDB_ID_FILE).read_text().strip()
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), (runs, run_id)
     result = read_config(out)["result"]
     assert result["global_steps"] == 10 and sorted(result["train_loss_per_epoch"]) == ["1", "2"]
     assert sorted(result["eval_loss_per_step"], key=int) == ["2", "4", "6", "8", "10"]  # every 2 steps
