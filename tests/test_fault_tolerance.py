@@ -268,8 +268,22 @@ def start_train(*args: str, torchrun: int = 0, extra: tuple[str, ...] = (), env:
                 cwd: str | None = None) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                 *extra] if torchrun else [sys.executable]
+    # Own session: a failing test can end the launcher and its workers together (finish()).
     return subprocess.Popen([*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env or clean_env(), cwd=cwd or str(REPO), stdin=subprocess.DEVNULL)
+                            text=True, env=env or clean_env(), cwd=cwd or str(REPO), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for the run; past ``timeout`` kill it with everything it started, and fail."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        workers = child_pids(proc.pid)  # torchrun's workers run in sessions of their own
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"run still going after {timeout} s: {proc.communicate()[0][-3000:]}") from None
 
 
 def wait_for_checkpoints(proc: subprocess.Popen, out: Path, count: int, timeout: float = 240) -> list[str]:
@@ -281,7 +295,7 @@ def wait_for_checkpoints(proc: subprocess.Popen, out: Path, count: int, timeout:
             return done
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.05)
-    proc.kill()
+    finish(proc, timeout=0.1)
     raise AssertionError(f"no {count} complete checkpoints in {out} after {timeout} s")
 
 
@@ -365,7 +379,7 @@ def test_torchrun_restart_after_a_killed_worker_finishes_the_run_by_itself(tmp_p
                        torchrun=2, extra=("--max-restarts=1",))
     wait_for_checkpoints(proc, out, 2)  # 19 samples on 2 ranks: one optimizer step (and checkpoint) per epoch
     os.kill(worker_pid(proc.pid, local_rank=1), signal.SIGKILL)
-    log, _ = proc.communicate(timeout=300)
+    log = finish(proc)
     assert proc.returncode == 0, log[-4000:]
     resumed = [line for line in log.splitlines() if "torchrun restart 1 of the worker group: resuming from" in line]
     assert len(resumed) == 1, log[-4000:]
@@ -389,7 +403,7 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_a_resume_completes(tmp_
     proc = start_train(*common, env=env, cwd=str(tmp_path))
     wait_for_checkpoints(proc, out, 1)  # checkpoint-2 of 5 steps per epoch
     proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=240)
+    log = finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
     assert "SIGTERM received: finishing the current optimizer step" in log
     stopped = [line for line in log.splitlines() if "stopped by SIGTERM after optimizer step" in line]
