@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import data_loader_movie_review as dl
+import fault_tolerance as ft
 from precision import PRECISIONS, PrecisionPlan, optimi_importable, plan_precision
 from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
 
@@ -42,7 +43,7 @@ RUN_ARTIFACTS = (
     "pytorch_model.bin", "model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
     "added_tokens.json", FINISHED_MARKER, "test_samples.json", "training_samples_preview.txt", "loss_curve.png",
-    "training_args.bin", "eval",
+    "training_args.bin", "eval", ft.WANDB_ID_FILE,
 )
 _CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 
@@ -74,11 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_epochs", type=int, default=50, help="maximum number of epochs")
     train.add_argument("--warmup_steps", type=int, default=100, help="linear warmup optimizer steps")
     train.add_argument("--early_stopping_patience", type=int, default=3,
-                       help="stop after this many epochs without a lower validation loss")
+                       help="stop after this many evaluations without a lower validation loss (evaluations are "
+                            "once per epoch, or every --eval_steps steps)")
     train.add_argument("--seed", type=int, default=42, help="random seed")
     train.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--logging_steps", type=int, default=0,
                        help="log the training loss every N optimizer steps (0: once per epoch)")
+    train.add_argument("--save_steps", type=int, default=0,
+                       help="write a checkpoint every N optimizer steps (0: once per epoch); with a validation "
+                            "split it also evaluates every N steps unless --eval_steps is given")
+    train.add_argument("--eval_steps", type=int, default=0,
+                       help="evaluate (and checkpoint, unless --save_steps is given; --save_steps must then be a "
+                            "multiple of it) every N optimizer steps (0: once per epoch); early stopping then "
+                            "counts these evaluations")
 
     ablation = p.add_argument_group("ablation")
     ablation.add_argument("--use_profile", dest="use_profile", action="store_true", default=True,
@@ -111,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.warmup_steps < 0 or args.early_stopping_patience < 1 or args.logging_steps < 0:
         p.error("--warmup_steps and --logging_steps must be >= 0, --early_stopping_patience >= 1")
+    if args.save_steps < 0 or args.eval_steps < 0:
+        p.error("--save_steps and --eval_steps must be >= 0 (0: once per epoch)")
     return args
 
 
@@ -339,20 +350,31 @@ def best_epoch(eval_losses: dict[int, float]) -> int | None:
     return min(eval_losses, key=lambda e: (eval_losses[e], e)) if eval_losses else None
 
 
+def loss_points(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
+    """Every logged ``key`` ('loss' or 'eval_loss') as (optimizer step, fractional epoch, value), in order.
+
+    With --eval_steps/--logging_steps there are several per epoch; a resumed run's history continues the
+    restored one (the interrupted part of an epoch is never logged), so there are no duplicates.
+    """
+    return [(e["step"], e["epoch"], e[key]) for e in log_history if key in e and "epoch" in e and "step" in e]
+
+
 def plot_loss_curve(path: str, log_history: list[dict[str, Any]], title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
-    train, evaluation = epoch_losses(log_history)
+    # Plotted at each value's own (fractional) epoch: per-epoch values land on whole epochs as before, and
+    # step-based evaluations (--eval_steps) or logging (--logging_steps) show between them on the same axis.
+    train, evaluation = loss_points(log_history, "loss"), loss_points(log_history, "eval_loss")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     if train:
-        ax.plot(list(train), list(train.values()), "o-", label="train loss")
+        ax.plot([p[1] for p in train], [p[2] for p in train], "o-", label="train loss")
     if evaluation:
-        ax.plot(list(evaluation), list(evaluation.values()), "s-", label="validation loss")
-        best = best_epoch(evaluation)
-        ax.axvline(best, color="gray", linestyle="--", linewidth=1)
-        ax.plot([best], [evaluation[best]], "*", markersize=16, color="crimson",
-                label=f"best epoch {best} ({evaluation[best]:.4f})")
+        ax.plot([p[1] for p in evaluation], [p[2] for p in evaluation], "s-", label="validation loss")
+        step, epoch, loss = min(evaluation, key=lambda p: (p[2], p[0]))
+        where = f"epoch {round(epoch)}" if abs(epoch - round(epoch)) < 1e-6 else f"step {step}"
+        ax.axvline(epoch, color="gray", linestyle="--", linewidth=1)
+        ax.plot([epoch], [loss], "*", markersize=16, color="crimson", label=f"best {where} ({loss:.4f})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (review tokens + EOS)")
@@ -413,6 +435,12 @@ def load_tokenizer(args, source: str, local_only: bool):
     return tokenizer
 
 
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -427,12 +455,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, rank: int) -> int:
     dl.check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
-    check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    # A torchrun restart (--max-restarts) of this worker group continues the run by itself; a first start is
+    # judged by check_output_dir as always. Checkpoints are only resumed from when complete.
+    restarts = ft.restart_count(os.environ)
+    start = ft.plan_start(output_dir_state(args.output_dir), args.resume_from_checkpoint, args.overwrite_output_dir,
+                          restarts)
+    if start.action == "finished":
+        if rank == 0:
+            logger.warning("torchrun restart %d: %s already holds the finished run; nothing to do", restarts,
+                           args.output_dir)
+        return 0
+    if start.action == "check":
+        check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    resume = ft.resolve_resume(start.resume, args.output_dir, restarts,
+                               log=logger.warning if rank == 0 else lambda message: None)
+    if rank == 0 and restarts:
+        logger.warning("torchrun restart %d of the worker group: %s", restarts,
+                       f"resuming from {resume}" if resume else "no complete checkpoint yet, starting from scratch")
+    elif rank == 0 and resume:
+        logger.info("resuming from %s", resume)
     report_to, report_msg = configure_reporting(args.report_to, os.environ,
                                                 importlib.util.find_spec("wandb") is not None)
     plan = detect_runtime(args)  # flag/hardware conflicts are refused here, before data or model load
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
     data, splits = load_splits(args)
+    ft.checkpoint_schedule(args.save_steps, args.eval_steps, bool(splits["val"]))  # refuse bad steps before loading
 
     import transformers
 
@@ -441,23 +488,30 @@ def train(args: argparse.Namespace, rank: int) -> int:
     tokenizer = load_tokenizer(args, source, local_only)
     prepared = prepare_data(args, data, splits, tokenizer)
     facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
+    facts["resumed_from"] = resume
     model = None if args.preview_only else load_model(args, source, local_only, plan)
 
     if rank == 0:
-        start_output_dir(args, prepared, facts, report_msg)
+        start_output_dir(args, prepared, facts, report_msg, remove_previous=start.remove_previous)
     if args.preview_only:
         if rank == 0:
             logger.info("--preview_only: wrote training_samples_preview.txt and test_samples.json to %s",
                         args.output_dir)
         return 0
 
+    if rank == 0 and report_to == "wandb":  # a resumed run keeps logging into the same W&B run
+        ft.configure_wandb_resume(os.environ, ft.wandb_run_id(args.output_dir, resuming=bool(resume or restarts)))
     trainer = build_trainer(args, model, tokenizer, prepared, plan, report_to)
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(args.output_dir)
+    stop = ft.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
+    trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=resume)
+    if stop.signum:
+        if trainer.is_world_process_zero():
+            script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.basename(__file__)
+            logger.warning("stopped by %s after optimizer step %d; checkpoint %s. To resume: %s",
+                           signal_name(stop.signum), stop.stopped_step, stop.checkpoint,
+                           ft.resume_command(sys.argv[1:], script, os.environ))
+        return stop.exit_code
     save_final_model(args, trainer)
     if trainer.is_world_process_zero():
         outcome = summarize_run(args, trainer, result, has_val=bool(prepared.encoded["val"]))
@@ -504,9 +558,15 @@ def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, 
     }
 
 
-def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None) -> None:
-    """Rank 0, before training: clear an overwritten run, say what will happen, write the data files."""
-    if args.overwrite_output_dir and args.resume_from_checkpoint is None:
+def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None,
+                     remove_previous: bool | None = None) -> None:
+    """Rank 0, before training: clear an overwritten run, say what will happen, write the data files.
+
+    The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
+    rewrites them (atomically) to the same content."""
+    if remove_previous is None:
+        remove_previous = args.overwrite_output_dir and args.resume_from_checkpoint is None
+    if remove_previous:
         removed = remove_previous_run(args.output_dir)
         if removed:
             logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
@@ -544,9 +604,9 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         num_train_epochs=args.max_epochs,
         warmup_steps=args.warmup_steps,
         lr_scheduler_type="linear",
-        # Per-epoch evaluation and checkpoints, whatever the step count (28 reviews = ~2 steps an epoch).
-        eval_strategy="epoch" if has_val else "no",
-        save_strategy="epoch",
+        # Evaluation and checkpoints per epoch (28 reviews = ~2 steps an epoch), or every --save_steps/--eval_steps.
+        **ft.checkpoint_schedule(args.save_steps, args.eval_steps, has_val),
+        restore_callback_states_from_checkpoint=True,  # a resume keeps early stopping's patience count
         save_total_limit=2,  # with load_best_model_at_end Trainer keeps the best checkpoint plus the latest
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
@@ -558,8 +618,6 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         seed=args.seed,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: little padding
         ddp_find_unused_parameters=False,
-        # On resume, early stopping continues with its patience counter instead of starting over.
-        restore_callback_states_from_checkpoint=True,
         activation_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,
         **plan.training_kwargs(),
@@ -597,21 +655,29 @@ def save_final_model(args, trainer) -> None:
 def summarize_run(args, trainer, result, has_val: bool) -> dict[str, Any]:
     history = trainer.state.log_history
     train_losses, eval_losses = epoch_losses(history)
-    best = best_epoch(eval_losses)
+    evaluations = loss_points(history, "eval_loss")
+    # The best evaluation overall: with --eval_steps an epoch's last evaluation need not be its best one.
+    best_step, best_at, best_loss = min(evaluations, key=lambda p: (p[2], p[0])) if evaluations else (None, 0, None)
+    best = max(1, math.ceil(best_at - 1e-6)) if evaluations else None
     plot_loss_curve(os.path.join(args.output_dir, "loss_curve.png"), history,
                     f"{os.path.basename(os.path.normpath(args.output_dir))}: loss per epoch")
     epochs_run = max(train_losses) if train_losses else 0
-    return {
+    outcome = {
         "epochs_run": epochs_run,
-        "stopped_early": has_val and epochs_run < args.max_epochs,
+        # Early stopping may also stop mid-epoch (--eval_steps): compare steps, not epochs.
+        "stopped_early": has_val and trainer.state.global_step < trainer.state.max_steps,
         "best_epoch": best,
-        "best_eval_loss": eval_losses.get(best) if best else None,
+        "best_eval_loss": best_loss,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "global_steps": trainer.state.global_step,
         "train_loss_per_epoch": train_losses,
         "eval_loss_per_epoch": eval_losses,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
+    if args.eval_steps or args.save_steps:  # step-based evaluation: every evaluation, by optimizer step
+        outcome["best_step"] = best_step
+        outcome["eval_loss_per_step"] = {step: loss for step, _, loss in evaluations}
+    return outcome
 
 
 def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None) -> None:
@@ -638,7 +704,8 @@ def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], repor
 
 
 def log_end_summary(args, outcome: dict[str, Any]) -> None:
-    best = (f"best epoch {outcome['best_epoch']} (val loss {outcome['best_eval_loss']:.4f})"
+    where = f"step {outcome['best_step']}" if outcome.get("best_step") else f"epoch {outcome['best_epoch']}"
+    best = (f"best {where} (val loss {outcome['best_eval_loss']:.4f})"
             if outcome["best_epoch"] else "no validation split: final epoch saved")
     stop = "stopped early" if outcome["stopped_early"] else "ran all epochs"
     logger.info("training done: %d epoch(s), %s; %s\n  model and run files: %s\n  loss curve: %s",
