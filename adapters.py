@@ -66,7 +66,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if not lora:
         changed = [f"--{name}" for name, default in LORA_DEFAULTS.items() if getattr(args, name) != default]
         if changed:
-            raise UsageError(f"{', '.join(changed)} only apply to --finetuning_type lora (this run is full)")
+            raise UsageError(f"{', '.join(changed)}: only used with --finetuning_type lora (this run is full)")
         return
     if args.lora_rank < 1 or args.lora_alpha < 1:
         raise UsageError(f"--lora_rank and --lora_alpha must be at least 1 (got {args.lora_rank}, "

@@ -49,9 +49,9 @@ def test_defaults_keep_full_fine_tuning():
 @pytest.mark.parametrize(("flags", "message"), [
     (["--quantization_bit", "4"], "add --finetuning_type lora"),
     (["--merge_lora"], "--merge_lora merges LoRA adapters"),
-    (["--lora_rank", "16"], "--lora_rank only apply to --finetuning_type lora"),
-    (["--lora_alpha", "32", "--lora_target", "q_proj"], "--lora_alpha, --lora_target only apply"),
-    (["--lora_dropout", "0.1"], "--lora_dropout only apply"),
+    (["--lora_rank", "16"], "--lora_rank: only used with --finetuning_type lora"),
+    (["--lora_alpha", "32", "--lora_target", "q_proj"], "--lora_alpha, --lora_target: only used with"),
+    (["--lora_dropout", "0.1"], "--lora_dropout: only used with"),
     (["--finetuning_type", "lora", "--lora_rank", "0"], "must be at least 1"),
     (["--finetuning_type", "lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
     (["--finetuning_type", "lora", "--lora_target", " , "], "no module names given"),
@@ -59,6 +59,15 @@ def test_defaults_keep_full_fine_tuning():
 def test_contradicting_adapter_flags_are_refused(flags, message):
     with pytest.raises(tr.UsageError, match=re.escape(message)):
         adapters.check_flags(args_for(*flags))
+
+
+def test_help_lists_the_adapter_and_sharding_flags(capsys):
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--finetuning_type", "--lora_rank", "--lora_alpha", "--lora_dropout", "--lora_target",
+                 "--merge_lora", "--quantization_bit", "--fsdp", "--deepspeed"):
+        assert flag in text
 
 
 def test_lora_flags_are_accepted_with_lora():
@@ -203,7 +212,7 @@ def test_wrap_model_trains_only_the_adapters_and_records_the_base(tiny_model):  
 @pytest.mark.parametrize(("flags", "message"), [
     (["--quantization_bit", "4"], "add --finetuning_type lora"),
     (["--finetuning_type", "lora", "--quantization_bit", "4"], "needs a CUDA GPU"),
-    (["--lora_rank", "4"], "only apply to --finetuning_type lora"),
+    (["--lora_rank", "4"], "only used with --finetuning_type lora"),
     (["--finetuning_type", "lora", "--lora_target", "nope_proj"], "no linear layer named nope_proj"),
 ])
 def test_bad_adapter_flags_are_one_line_and_write_nothing(tmp_path, capsys, tiny_model, flags, message):  # noqa: F811
