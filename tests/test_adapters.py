@@ -226,6 +226,19 @@ def test_bad_adapter_flags_are_one_line_and_write_nothing(tmp_path, capsys, tiny
     assert not out.exists()
 
 
+def test_qlora_without_a_gpu_is_one_line_from_the_command_line(tmp_path, tiny_model):  # noqa: F811
+    import torch
+
+    if torch.cuda.is_available() and adapters.bitsandbytes_importable():
+        pytest.skip("QLoRA can run here")
+    out = tmp_path / "run"
+    proc = run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
+                     "--finetuning_type", "lora", "--quantization_bit", "4", "--report_to", "none")
+    line = one_line_error(proc)  # exit 2, one line, no traceback
+    assert "--quantization_bit 4 needs a CUDA GPU" in line or "needs the bitsandbytes package" in line
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # LoRA end to end
 # --------------------------------------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ def test_evaluation_reads_the_merged_folder(lora_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny_model):  # noqa: F811
+def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny_model, capsys):  # noqa: F811
     out = tmp_path / "run"
     common = ["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--warmup_steps", "0",
               "--learning_rate", "1e-2", "--report_to", "none", "--finetuning_type", "lora",
@@ -333,9 +346,9 @@ def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny
     assert first.returncode == 0, first.stderr[-3000:]
     before = read_config(out)["result"]
     # The checkpoint holds an adapter: resuming it as a full fine-tune is refused before anything loads.
-    wrong = run_train(*[a for a in common if a not in ("--finetuning_type", "lora")], "--max_epochs", "2",
-                      "--resume_from_checkpoint")
-    assert "resume it with --finetuning_type lora" in one_line_error(wrong)
+    as_full = [a for a in common if a not in ("--finetuning_type", "lora")]
+    assert tr.main([*as_full, "--max_epochs", "2", "--resume_from_checkpoint"]) == 2
+    assert "resume it with --finetuning_type lora" in capsys.readouterr().err
     second = run_train(*common, "--max_epochs", "2", "--resume_from_checkpoint")
     assert second.returncode == 0, second.stderr[-3000:]
     after = read_config(out)["result"]
