@@ -67,7 +67,8 @@ class PrecisionPlan:
 
 
 def plan_precision(requested: str, cuda_available: bool, bf16_supported: bool, finetuning_type: str = "full",
-                   optimi_available: bool = True, quantization_bit: int | None = None) -> PrecisionPlan:
+                   optimi_available: bool = True, quantization_bit: int | None = None,
+                   deepspeed: bool = False) -> PrecisionPlan:
     """Decide the precision of a run. ``bf16_supported`` is the GPU's (ignored without CUDA: bf16 runs on CPUs)."""
     if requested not in PRECISIONS:
         raise UsageError(f"--precision {requested}: choose one of {', '.join(PRECISIONS)}")
@@ -85,6 +86,9 @@ def plan_precision(requested: str, cuda_available: bool, bf16_supported: bool, f
         raise UsageError(f"--quantization_bit {quantization_bit} computes in bf16/fp16 on top of frozen 4-bit "
                          f"weights: use --precision auto, bf16-mixed or fp16-mixed, not {mode}")
     if mode == "bf16-pure":
+        if deepspeed:
+            raise UsageError("--precision bf16-pure with --deepspeed: DeepSpeed's bf16 mode keeps its own fp32 "
+                             "master weights in the optimizer; use --precision auto or bf16-mixed")
         if lora:
             raise UsageError("--precision bf16-pure is for full fine-tuning: LoRA already keeps the frozen base in "
                              "bf16 and trains small fp32 adapters; use --precision auto or bf16-mixed")

@@ -12,6 +12,8 @@ checkpoint reloaded and saved at the end. FlashAttention 2 is used where it can 
 
 Outputs (output_dir): pytorch_model.bin (or model.safetensors), config.json, tokenizer files,
 training_config.json, test_samples.json, training_samples_preview.txt, loss_curve.png, checkpoint-*/.
+LoRA / QLoRA runs (``adapters``) write an adapter instead of the weights, plus merged/ with --merge_lora;
+FSDP / DeepSpeed ZeRO sharding (``sharding``) gathers whole weights for the final save.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import adapters
 import data_loader_movie_review as dl
 import fault_tolerance as ft
+import sharding
 from precision import PRECISIONS, PrecisionPlan, optimi_importable, plan_precision
 from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
 
@@ -44,7 +48,7 @@ RUN_ARTIFACTS = (
     "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
     "added_tokens.json", FINISHED_MARKER, "test_samples.json", "training_samples_preview.txt", "loss_curve.png",
     "training_args.bin", "eval", ft.WANDB_ID_FILE,
-)
+) + adapters.ADAPTER_ARTIFACTS
 _CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 
 
@@ -114,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="write training_samples_preview.txt and test_samples.json, then stop (no model load)")
     run.add_argument("--save_format", choices=["bin", "safetensors"], default="bin",
                      help="final weights as pytorch_model.bin (spec) or model.safetensors")
+    adapters.add_arguments(p)
+    sharding.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("batch_size", "gradient_accumulation_steps", "max_epochs", "max_length"):
         if getattr(args, name) < 1:
@@ -181,8 +187,10 @@ class RuntimePlan:
 
 def plan_runtime(disable_flash_attn: bool, cuda_available: bool, bf16_supported: bool,
                  compute_capability: tuple[int, int] | None, flash_attn_ok: bool, precision: str = "auto",
-                 finetuning_type: str = "full", optimi_available: bool = True) -> RuntimePlan:
-    plan = plan_precision(precision, cuda_available, bf16_supported, finetuning_type, optimi_available)
+                 finetuning_type: str = "full", optimi_available: bool = True, quantization_bit: int | None = None,
+                 deepspeed: bool = False) -> RuntimePlan:
+    plan = plan_precision(precision, cuda_available, bf16_supported, finetuning_type, optimi_available,
+                          quantization_bit, deepspeed)
     attention, reason = choose_attention(disable_flash_attn, flash_attn_ok, cuda_available, plan.compute_dtype,
                                          compute_capability)
     return RuntimePlan(plan, attention, reason, "cuda" if cuda_available else "cpu", 8 if cuda_available else None)
@@ -194,7 +202,8 @@ def detect_runtime(args: argparse.Namespace) -> RuntimePlan:
     cuda = torch.cuda.is_available()
     return plan_runtime(args.disable_flash_attn, cuda, cuda and torch.cuda.is_bf16_supported(),
                         torch.cuda.get_device_capability() if cuda else None, cuda and flash_attn_importable(),
-                        args.precision, getattr(args, "finetuning_type", "full"), optimi_importable())
+                        args.precision, args.finetuning_type, optimi_importable(), args.quantization_bit,
+                        bool(args.deepspeed))
 
 
 def wandb_logged_in(environ: dict[str, str]) -> bool:
@@ -474,6 +483,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
                        f"resuming from {resume}" if resume else "no complete checkpoint yet, starting from scratch")
     elif rank == 0 and resume:
         logger.info("resuming from %s", resume)
+    quantization, shard_plan = plan_scaling(args, resume)  # LoRA/QLoRA/sharding conflicts: before data and model load
     report_to, report_msg = configure_reporting(args.report_to, os.environ,
                                                 importlib.util.find_spec("wandb") is not None)
     plan = detect_runtime(args)  # flag/hardware conflicts are refused here, before data or model load
@@ -489,7 +499,8 @@ def train(args: argparse.Namespace, rank: int) -> int:
     prepared = prepare_data(args, data, splits, tokenizer)
     facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
     facts["resumed_from"] = resume
-    model = None if args.preview_only else load_model(args, source, local_only, plan)
+    model = None if args.preview_only else load_model(args, source, local_only, plan, quantization)
+    facts.update(adapters.describe(args, model, quantization), sharding=shard_plan.describe())
 
     if rank == 0:
         start_output_dir(args, prepared, facts, report_msg, remove_previous=start.remove_previous)
@@ -501,7 +512,8 @@ def train(args: argparse.Namespace, rank: int) -> int:
 
     if rank == 0 and report_to == "wandb":  # a resumed run keeps logging into the same W&B run
         ft.configure_wandb_resume(os.environ, ft.wandb_run_id(args.output_dir, resuming=bool(resume or restarts)))
-    trainer = build_trainer(args, model, tokenizer, prepared, plan, report_to)
+    trainer = build_trainer(args, model, tokenizer, prepared, plan, report_to,
+                            sharding_kwargs(args, model, shard_plan))
     stop = ft.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
     trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -512,7 +524,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
                            signal_name(stop.signum), stop.stopped_step, stop.checkpoint,
                            ft.resume_command(sys.argv[1:], script, os.environ))
         return stop.exit_code
-    save_final_model(args, trainer)
+    save_final_model(args, trainer, merge_base=(source, local_only, plan.weights_dtype))
     if trainer.is_world_process_zero():
         outcome = summarize_run(args, trainer, result, has_val=bool(prepared.encoded["val"]))
         config = {
@@ -530,18 +542,51 @@ def train(args: argparse.Namespace, rank: int) -> int:
     return 0
 
 
-def load_model(args, source: str, local_only: bool, plan: RuntimePlan):
+def load_model(args, source: str, local_only: bool, plan: RuntimePlan,
+               quantization: adapters.QuantizationPlan | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
         # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, plan.weights_dtype), attn_implementation=plan.attention,
-            trust_remote_code=args.trust_remote_code, local_files_only=local_only)
+            trust_remote_code=args.trust_remote_code, local_files_only=local_only,
+            **adapters.quantization_load_kwargs(quantization, int(os.environ.get("LOCAL_RANK", "0"))))
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load model weights from {args.model_path!r}: {str(err).splitlines()[0][:200]}") \
             from None
+    # Full fine-tuning: the model as loaded; LoRA / QLoRA: adapters on the frozen base (peft).
+    return adapters.wrap_model(model, args, adapters.base_model_reference(args.model_path, source),
+                               quantized=quantization is not None)
+
+
+def plan_scaling(args, resume: str | None) -> tuple[adapters.QuantizationPlan | None, sharding.ShardingPlan]:
+    """Check the LoRA / QLoRA / sharding flags against each other and the hardware: one line, nothing loaded."""
+    adapters.check_flags(args)
+    sharding.check_combinations(args.fsdp, args.deepspeed, args.quantization_bit)
+    adapters.check_resume(resume, args.finetuning_type)
+    cuda = bf16 = False
+    if args.quantization_bit is not None or args.fsdp or args.deepspeed:  # torch is imported only when needed
+        import torch
+
+        cuda = torch.cuda.is_available()
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+    ds_config = sharding.load_deepspeed_config(args.deepspeed) if args.deepspeed else None
+    shard_plan = sharding.plan_sharding(args.fsdp, args.deepspeed, ds_config, args.quantization_bit, cuda,
+                                        bool(args.deepspeed) and sharding.deepspeed_importable())
+    quantization = adapters.plan_quantization(args.quantization_bit, args.finetuning_type, cuda,
+                                              args.quantization_bit is not None and adapters.bitsandbytes_importable(),
+                                              bf16)
+    return quantization, shard_plan
+
+
+def sharding_kwargs(args, model, shard_plan: sharding.ShardingPlan) -> dict[str, Any]:
+    """TrainingArguments kwargs of the sharding plan; FSDP wraps the model's own decoder-layer class."""
+    if shard_plan.kind != "fsdp":
+        return sharding.training_kwargs(shard_plan, set(), args.gradient_checkpointing)
+    return sharding.training_kwargs(shard_plan, adapters.decoder_layer_classes(model), args.gradient_checkpointing,
+                                    sharding.fsdp_version(sharding.torch_supports_fsdp2()))
 
 
 def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, report_to: str) -> dict[str, Any]:
@@ -589,7 +634,8 @@ def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report
                       [dl.sample_record(e) for e in prepared.encoded["test"]])
 
 
-def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str):
+def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str,
+                  extra_training_kwargs: dict[str, Any] | None = None):
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments
 
     has_val = bool(prepared.encoded["val"])
@@ -618,9 +664,11 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         seed=args.seed,
         train_sampling_strategy="group_by_length",  # similar lengths per batch: little padding
         ddp_find_unused_parameters=False,
-        activation_checkpointing=args.gradient_checkpointing,
+        # Under FSDP, checkpointing is FSDP's own (fsdp_config), which avoids a redundant all-gather.
+        activation_checkpointing=args.gradient_checkpointing and not args.fsdp,
         remove_unused_columns=False,
         **plan.training_kwargs(),
+        **(extra_training_kwargs or {}),  # FSDP / DeepSpeed (sharding.training_kwargs)
     )
     return Trainer(
         model=model,
@@ -637,19 +685,38 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
     )
 
 
-def save_final_model(args, trainer) -> None:
-    """Save the (best) model on every rank's call, as Trainer expects; rank 0 writes the files."""
-    import torch
+def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = None) -> None:
+    """Save the (best) model on every rank's call, as Trainer expects; rank 0 writes the files.
 
+    Full fine-tuning: the weights (gathered whole under FSDP / ZeRO-3 by save_model). LoRA: the adapter, and with
+    --merge_lora the merged model in merged/, re-built from ``merge_base`` = (source, local_only, dtype).
+    """
     # Trainer turned the KV cache off for training and would save that into config.json: generation wants it on.
     trainer.model.config.use_cache = True
     trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero() and args.save_format == "bin":
-        # transformers 5 only writes safetensors; the spec's pytorch_model.bin is written from the state dict,
-        # which from_pretrained still reads (with torch.load(weights_only=True)).
-        state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
-        torch.save(state, os.path.join(args.output_dir, "pytorch_model.bin"))
-        os.remove(os.path.join(args.output_dir, "model.safetensors"))
+    if not trainer.is_world_process_zero():
+        return
+    if args.finetuning_type == "lora":
+        if args.merge_lora and merge_base:
+            source, local_only, dtype = merge_base
+            folder = adapters.save_merged_model(
+                args.output_dir, source, local_only, dtype, args.trust_remote_code,
+                lambda model, out: write_plain_model(model, trainer.processing_class, out, args.save_format))
+            logger.info("--merge_lora: merged model written to %s", folder)
+        return
+    if args.save_format == "bin":
+        # transformers 5 only writes safetensors; the spec's pytorch_model.bin is re-written from what save_model
+        # wrote (whole weights even when training was sharded), which from_pretrained still reads.
+        sharding.full_weights_to_bin(args.output_dir)
+
+
+def write_plain_model(model, tokenizer, folder: str, save_format: str) -> None:
+    """A folder plain from_pretrained loads: config, weights in --save_format, tokenizer."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if save_format == "bin":
+        sharding.full_weights_to_bin(folder)
 
 
 def summarize_run(args, trainer, result, has_val: bool) -> dict[str, Any]:
@@ -692,6 +759,7 @@ def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], repor
         f"precision   {facts['precision']}: {facts['precision_reason']}",
         f"optimizer   {facts['optimizer']}: {facts['optimizer_reason']}",
         f"attention   {facts['attention']}: {facts['attention_reason']}",
+        *scaling_summary_rows(facts),
         f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",
         f"steps       {facts['optimizer_steps_per_epoch']} optimizer steps/epoch, up to {args.max_epochs} epochs "
@@ -701,6 +769,21 @@ def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], repor
     if report_msg:
         rows.append(f"tracking    {report_msg}")
     logger.info("training setup\n" + "\n".join("  " + r for r in rows))
+
+
+def scaling_summary_rows(facts: dict[str, Any]) -> list[str]:
+    """Start-summary rows for the fine-tuning type, trainable parameters and sharding."""
+    kind = facts.get("finetuning_type", "full")
+    if facts.get("quantization"):
+        kind += f" on a {facts['quantization']} base (QLoRA)"
+    rows = [f"finetuning  {kind}"]
+    if facts.get("total_params"):
+        trainable, total = facts["trainable_params"], facts["total_params"]
+        rows[0] += f": {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
+    if facts.get("lora_target"):
+        rows.append(f"lora        targets {', '.join(facts['lora_target'])}")
+    rows.append(f"sharding    {facts.get('sharding', 'none')}")
+    return rows
 
 
 def log_end_summary(args, outcome: dict[str, Any]) -> None:

@@ -77,6 +77,8 @@ def test_mixed_precision_computes_in_half_precision_for_flash_attention():
         ({"requested": "fp32", "cuda_available": True, "bf16_supported": True, "finetuning_type": "lora",
           "quantization_bit": 4}, "--quantization_bit 4"),
         ({"requested": "fp8", "cuda_available": True, "bf16_supported": True}, "choose one of"),
+        ({"requested": "bf16-pure", "cuda_available": True, "bf16_supported": True, "deepspeed": True},
+         "DeepSpeed's bf16 mode"),
     ],
 )
 def test_impossible_combinations_are_one_line_errors(kwargs, message):
