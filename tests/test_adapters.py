@@ -321,18 +321,32 @@ def test_merged_model_loads_plainly_and_matches_base_plus_adapter(lora_run, tiny
     torch.testing.assert_close(auto_logits, adapter_logits, atol=1e-5, rtol=1e-4)
 
 
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, timeout=300,
+                          env=clean_env(), cwd=str(REPO), stdin=subprocess.DEVNULL)
+
+
 @pytest.mark.slow
-def test_evaluation_reads_the_merged_folder(lora_run, tmp_path):
-    # The adapter folder itself is loaded by the evaluation's own model loader (base + adapter through peft).
-    out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate_movie_review.py"), "--model_dir",
-                           str(lora_run / "merged"), "--test_file", str(lora_run / "test_samples.json"),
-                           "--output_dir", str(out), "--max_new_tokens", "4", "--device", "cpu", "--no_progress"],
-                          capture_output=True, text=True, timeout=300, env=clean_env(), cwd=str(REPO),
-                          stdin=subprocess.DEVNULL)
+def test_evaluation_and_generation_read_the_adapter_folder_like_the_merged_one(lora_run, tmp_path):
+    """The run folder itself (base + adapter through peft) and merged/ (plain weights) give the same predictions."""
+    predictions = {}
+    for name, model_dir in (("adapter", lora_run), ("merged", lora_run / "merged")):
+        out = tmp_path / name
+        proc = run_script("evaluate_movie_review.py", "--model_dir", str(model_dir), "--test_file",
+                          str(lora_run / "test_samples.json"), "--output_dir", str(out), "--max_new_tokens", "8",
+                          "--device", "cpu", "--no_progress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("LoRA adapter" in proc.stderr) == (name == "adapter"), proc.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+        predictions[name] = [row["prediction"] for row in rows]
+    assert len(predictions["adapter"]) == 5
+    assert predictions["adapter"] == predictions["merged"]
+
+    proc = run_script("generate_review.py", "--model_dir", str(lora_run), "--movie", "流浪地球", "--greedy",
+                      "--max_new_tokens", "8", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "metrics.json").is_file()
-    assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 5
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["movie"] == "流浪地球" and record["prompt"].endswith("请为电影《流浪地球》写一条影评：\n")
 
 
 @pytest.mark.slow
