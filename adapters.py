@@ -274,7 +274,8 @@ def save_merged_model(adapter_dir: str, base_source: str, local_only: bool, dtyp
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_source, dtype=getattr(torch, dtype),
-                                                trust_remote_code=trust_remote_code, local_files_only=local_only)
+                                                trust_remote_code=trust_remote_code, local_files_only=local_only,
+                                                adapter_kwargs={"local_files_only": local_only})  # see load_model
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True
     out = os.path.join(adapter_dir, MERGED_DIR)

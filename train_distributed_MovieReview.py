@@ -552,6 +552,9 @@ def load_model(args, source: str, local_only: bool, plan: RuntimePlan,
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, plan.weights_dtype), attn_implementation=plan.attention,
             trust_remote_code=args.trust_remote_code, local_files_only=local_only,
+            # transformers 5.24 probes the hub for an adapter_config.json without passing local_files_only on
+            # (~30 s of retries with the hub unreachable).
+            adapter_kwargs={"local_files_only": local_only},
             **adapters.quantization_load_kwargs(quantization, int(os.environ.get("LOCAL_RANK", "0"))))
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot load model weights from {args.model_path!r}: {str(err).splitlines()[0][:200]}") \

@@ -201,7 +201,8 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
     assert tr.load_model(args, "/models/qwen", True, plan) == "model"
     # bf16-mixed: fp32 master weights; FA2 runs on the bf16 activations autocast gives it.
     assert seen == {"source": "/models/qwen", "dtype": torch.float32, "attn_implementation": "flash_attention_2",
-                    "trust_remote_code": False, "local_files_only": True}
+                    "trust_remote_code": False, "local_files_only": True,
+                    "adapter_kwargs": {"local_files_only": True}}
 
 
 def test_this_machine_falls_back_to_sdpa_without_flash_attn():
