@@ -6,8 +6,8 @@ One script for one device and for many::
     torchrun --nproc_per_node=4 train_distributed_MovieReview.py --data_file ... --output_dir ...
 
 Prompts and labels come from ``data_loader_movie_review`` (the only prompt builder). Training is transformers'
-``Trainer``: DDP under torchrun (NCCL on GPUs, gloo on CPU), dynamic padding with length-grouped batches, loss
-on the review + EOS only, evaluation and a checkpoint every epoch, early stopping on validation loss, the best
+``Trainer``: DDP under torchrun (NCCL on GPUs, gloo on CPU), each micro-batch packed into one row without
+padding, loss and LM head on the review + EOS positions only (``completion_training``), evaluation and a checkpoint every epoch, early stopping on validation loss, the best
 checkpoint reloaded and saved at the end. FlashAttention 2 is used where it can run, PyTorch SDPA otherwise.
 
 Outputs (output_dir): pytorch_model.bin (or model.safetensors), config.json, tokenizer files,
