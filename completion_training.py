@@ -111,9 +111,11 @@ def next_token_labels(labels):
 
 
 def model_accepts_logits_to_keep(model) -> bool:
+    """Does the causal LM's own forward take ``logits_to_keep``? A PEFT wrapper passes it on to its base model."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class CompletionTrainer(Trainer):

@@ -108,6 +108,28 @@ def grads_of(model, loss) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_logits_to_keep_support_is_read_from_the_causal_lm_even_behind_a_wrapper(tokenizer):
+    class Wrapper(torch.nn.Module):  # like peft.PeftModel: forward(**kwargs), get_base_model()
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, **kwargs):
+            return self.base(**kwargs)
+
+    class NoKeep(torch.nn.Module):
+        def forward(self, input_ids, labels=None):
+            return input_ids
+
+    model = tiny_model(tokenizer)
+    assert ct.model_accepts_logits_to_keep(model)
+    assert ct.model_accepts_logits_to_keep(Wrapper(model))
+    assert not ct.model_accepts_logits_to_keep(NoKeep())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Collators
 # --------------------------------------------------------------------------------------------------------------
@@ -147,6 +169,22 @@ def test_completion_only_loss_and_gradient_equal_full_logits(tmp_path, tokenizer
         for name in grads:
             torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6)
     assert batch["labels"].ne(-100).sum() == sum(sum(x != -100 for x in s["labels"]) for s in samples)
+
+
+def test_gradient_checkpointing_keeps_the_packed_completion_only_loss_and_gradient(tmp_path, tokenizer, samples):
+    batch = ct.make_data_collator(tokenizer, packing=True)(samples)
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(tokenizer).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        trainer = ct.CompletionTrainer(model=model, args=training_args(tmp_path))
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=labelled_count(batch))
+        results.append((loss.detach(), grads_of(model, loss)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
 
 
 def test_completion_only_loss_in_evaluation_equals_full_logits(tmp_path, tokenizer, samples):
