@@ -16,11 +16,13 @@ For TRL, to match this trainer: gradient_checkpointing=False (its default is on)
 default is on), max_length=None for padding_free (the samples are already cut to --max_length), no saving.
 TRL still computes its per-step entropy / token-accuracy metrics, which it cannot switch off.
 
-Cases: "tiny" (hidden 64 x 2 layers, all training samples unless --samples_tiny first:N), "0.5b" (the Qwen2.5-0.5B shape with random
-weights, a few samples), "memory" (tiny, max_length 4096, batch 2, the longest samples; ours vs ours-off).
+Cases: "tiny" (hidden 64 x 2 layers, all training samples unless --samples_tiny first:N), "0.5b" (the
+Qwen2.5-0.5B shape with random weights, a few samples: --samples_05b, by default the 8 longest, i.e.
+full-length prompts), "memory" (tiny, max_length 4096, batch 2, the longest samples; ours vs ours-off).
 
     flock /tmp/heavy.lock .venv/bin/python tools/bench_train.py                 # all cases
     flock /tmp/heavy.lock .venv/bin/python tools/bench_train.py --cases tiny --configs ours ours-off
+    flock /tmp/heavy.lock .venv/bin/python tools/bench_train.py --samples_tiny first:32 --samples_05b first:4
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Case:
 def cases(args) -> list[Case]:
     return [c for c in (
         Case("tiny", "tiny", 512, 2, 8, args.samples_tiny, tuple(args.configs)),
-        Case("0.5b", "0.5b", 512, 2, 1, f"first:{args.samples_05b}", tuple(args.configs)),
+        Case("0.5b", "0.5b", 512, 2, 1, args.samples_05b, tuple(args.configs)),
         Case("memory", "tiny", 4096, 2, 1, f"longest:{args.samples_memory}",
              tuple(c for c in args.configs if c.startswith("ours"))),
     ) if c.name in args.cases]
@@ -89,7 +91,7 @@ def select(encoded: list, how: str) -> list:
     kind, n = how.split(":")
     if kind == "first":
         return encoded[:int(n)]
-    return sorted(encoded, key=lambda e: -len(e.input_ids))[:int(n)]
+    return sorted(encoded, key=lambda e: -len(e.input_ids))[:int(n)]  # "longest"
 
 
 def rss_bytes() -> int:
@@ -206,7 +208,8 @@ def main() -> int:
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--samples_tiny", default="all",
                         help="training samples for the tiny shape: all, or first:N")
-    parser.add_argument("--samples_05b", type=int, default=8, help="training samples for the 0.5B shape")
+    parser.add_argument("--samples_05b", default="longest:8",
+                        help="training samples for the 0.5B shape: first:N or longest:N (full-length prompts)")
     parser.add_argument("--samples_memory", type=int, default=4, help="longest samples for the memory case")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per configuration")
     parser.add_argument("--json", help="also write all results to this JSON file")
