@@ -6,8 +6,8 @@ One script for one device and for many::
     torchrun --nproc_per_node=4 train_distributed_MovieReview.py --data_file ... --output_dir ...
 
 Prompts and labels come from ``data_loader_movie_review`` (the only prompt builder). Training is transformers'
-``Trainer``: DDP under torchrun (NCCL on GPUs, gloo on CPU), dynamic padding with length-grouped batches, loss
-on the review + EOS only, evaluation and a checkpoint every epoch, early stopping on validation loss, the best
+``Trainer``: DDP under torchrun (NCCL on GPUs, gloo on CPU), each micro-batch packed into one row without
+padding, loss and LM head on the review + EOS positions only (``completion_training``), evaluation and a checkpoint every epoch, early stopping on validation loss, the best
 checkpoint reloaded and saved at the end. FlashAttention 2 is used where it can run, PyTorch SDPA otherwise.
 
 Outputs (output_dir): pytorch_model.bin (or model.safetensors), config.json, tokenizer files,
@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--precision", choices=PRECISIONS, default="auto",
                      help="auto: bf16-mixed on a bf16 GPU (fp32 master weights, bf16 compute), fp16-mixed on "
                           "older GPUs, fp32 on CPU. bf16-pure: bf16 weights + Kahan-compensated AdamW (less memory)")
+    run.add_argument("--disable_packing", action="store_true",
+                     help="pad each micro-batch to its longest sample instead of packing it into one row")
+    run.add_argument("--disable_completion_only_logits", action="store_true",
+                     help="compute the LM head at every position, not only where the next token is labelled")
     run.add_argument("--report_to", choices=["wandb", "none"], default=None,
                      help="experiment tracking (default: wandb if installed, offline when not logged in)")
     run.add_argument("--wandb_project", default="MovieReview", help="W&B project name")
@@ -592,6 +596,14 @@ def sharding_kwargs(args, model, shard_plan: sharding.ShardingPlan) -> dict[str,
                                     sharding.fsdp_version(sharding.torch_supports_fsdp2()))
 
 
+def efficiency_plan(args, plan: RuntimePlan):
+    """Packing and completion-only logits: on by default, off by flag or where they cannot be trusted."""
+    import completion_training as ct
+
+    return ct.plan_efficiency(args.disable_packing, args.disable_completion_only_logits, plan.attention,
+                              args.trust_remote_code)
+
+
 def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, report_to: str) -> dict[str, Any]:
     steps_per_epoch = optimizer_steps_per_epoch(len(prepared.encoded["train"]), args.batch_size, world_size,
                                                 args.gradient_accumulation_steps)
@@ -603,6 +615,7 @@ def run_facts(args, prepared: PreparedData, plan: RuntimePlan, world_size: int, 
         "effective_batch_size": args.batch_size * args.gradient_accumulation_steps * world_size,
         "optimizer_steps_per_epoch": steps_per_epoch, "max_optimizer_steps": steps_per_epoch * args.max_epochs,
         "report_to": report_to, "truncated_targets": prepared.truncated_targets,
+        **efficiency_plan(args, plan).facts(),
     }
 
 
@@ -639,9 +652,15 @@ def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report
 
 def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str,
                   extra_training_kwargs: dict[str, Any] | None = None):
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    import completion_training as ct
 
     has_val = bool(prepared.encoded["val"])
+    efficiency = efficiency_plan(args, plan)
+    if efficiency.completion_only_logits and not ct.model_accepts_logits_to_keep(model):
+        raise UsageError(f"{args.model_path}: the model's forward takes no logits_to_keep; pass "
+                         "--disable_completion_only_logits")
     if report_to == "wandb":  # transformers' W&B callback reads the project from the environment
         os.environ["WANDB_PROJECT"] = args.wandb_project
     training_args = TrainingArguments(
@@ -665,7 +684,8 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         report_to=report_to,
         run_name=args.wandb_run_name or os.path.basename(os.path.normpath(args.output_dir)),
         seed=args.seed,
-        train_sampling_strategy="group_by_length",  # similar lengths per batch: little padding
+        # Length grouping only where batches are padded (not packed): similar lengths, little padding.
+        train_sampling_strategy=efficiency.train_sampling_strategy,
         ddp_find_unused_parameters=False,
         # Under FSDP, checkpointing is FSDP's own (fsdp_config), which avoids a redundant all-gather.
         activation_checkpointing=args.gradient_checkpointing and not args.fsdp,
@@ -673,18 +693,17 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         **plan.training_kwargs(),
         **(extra_training_kwargs or {}),  # FSDP / DeepSpeed (sharding.training_kwargs)
     )
-    return Trainer(
+    return ct.CompletionTrainer(
         model=model,
         args=training_args,
         train_dataset=prepared.features("train"),
         eval_dataset=prepared.features("val") if has_val else None,
-        # Dynamic padding: each batch to its longest sample; labels padded with -100.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest",
-                                             pad_to_multiple_of=plan.pad_to_multiple_of,
-                                             label_pad_token_id=dl.IGNORE_INDEX),
+        # One packed row per micro-batch, or dynamic padding (each batch to its longest sample, labels -100).
+        data_collator=ct.make_data_collator(tokenizer, efficiency.packing, plan.pad_to_multiple_of),
         processing_class=tokenizer,
         optimizer_cls_and_kwargs=plan.precision.optimizer_cls_and_kwargs(args.learning_rate),
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
+        completion_only_logits=efficiency.completion_only_logits,
     )
 
 
@@ -762,6 +781,9 @@ def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], repor
         f"precision   {facts['precision']}: {facts['precision_reason']}",
         f"optimizer   {facts['optimizer']}: {facts['optimizer_reason']}",
         f"attention   {facts['attention']}: {facts['attention_reason']}",
+        f"packing     {'on' if facts['packing'] else 'off'}: {facts['packing_reason']}",
+        f"logits      {'labelled positions only' if facts['completion_only_logits'] else 'every position'}: "
+        f"{facts['completion_only_logits_reason']}",
         *scaling_summary_rows(facts),
         f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",
