@@ -24,6 +24,7 @@ name), the record index and what is wrong.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import re
@@ -271,24 +272,24 @@ def load_review_file(path: str) -> ReviewData:
 def expand_data_paths(paths: Sequence[str]) -> list[str]:
     """Files named by ``paths``: a file stays itself, a directory gives its ``*.json`` files (sorted by name,
     not recursive: exports often come as one user per file). The same file named twice is an error."""
-    files: list[str] = []
+    files: list[tuple[str, str]] = []  # (file, the argument that named it)
     for path in paths:
         if os.path.isdir(path):
             found = sorted(n for n in os.listdir(path) if n.lower().endswith(".json")
                            and os.path.isfile(os.path.join(path, n)))
             if not found:
                 raise ReviewDataError(path, "the directory holds no .json files")
-            files.extend(os.path.join(path, n) for n in found)
+            files.extend((os.path.join(path, n), path) for n in found)
         else:
-            files.append(path)  # missing / unreadable files are reported by read_json_file
+            files.append((path, path))  # missing / unreadable files are reported by read_json_file
     seen: dict[str, str] = {}
-    for f in files:
+    for f, origin in files:
         key = os.path.realpath(f)
         if key in seen:
-            raise ReviewDataError(f, f"given twice (also as {seen[key]}); each file may be loaded once"
-                                  if seen[key] != f else "given twice; each file may be loaded once")
-        seen[key] = f
-    return files
+            both = f" (named by {seen[key]} and by {origin})" if seen[key] != origin else ""
+            raise ReviewDataError(f, f"given twice{both}; each file may be loaded once")
+        seen[key] = origin
+    return [f for f, _ in files]
 
 
 def load_review_data(paths: str | Sequence[str]) -> ReviewData:
@@ -634,7 +635,8 @@ def build_report(data: ReviewData, splits: dict[str, list[Sample]], builder: Pro
         })
     warnings = [f"the {name} split is empty" for name in ("val", "test") if not splits[name]]
     example = next((splits[name][0] for name in ("val", "test") if splits[name]), None) or splits["train"][-1]
-    by_size = sorted(data.users, key=lambda u: (-len(u.reviews), u.index))
+    most = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (-len(u.reviews), u.index))
+    fewest = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (len(u.reviews), u.index))
     return {
         "file": data.path,
         "files": data.files or [data.path],
@@ -648,8 +650,8 @@ def build_report(data: ReviewData, splits: dict[str, list[Sample]], builder: Pro
         "splits": split_summary(splits),
         "users_with_empty_split": {name: sum(1 for u in per_user if u["splits"][name]["samples"] == 0)
                                    for name in splits},
-        "most_reviews": [_user_brief(u) for u in by_size[:REPORT_EXTREMES]],
-        "fewest_reviews": [_user_brief(u) for u in reversed(by_size[-REPORT_EXTREMES:])],
+        "most_reviews": [_user_brief(u) for u in most],
+        "fewest_reviews": [_user_brief(u) for u in fewest],
         "per_user": per_user,
         "warnings": warnings,
         "example": {

@@ -147,10 +147,15 @@ class ReviewTokens:
             np.cumsum(lengths[self.item], out=self.history_cumsum[1:])
 
     @property
-    def nbytes(self) -> int:
+    def index_nbytes(self) -> int:
+        """Bytes of the per-review / per-user / per-piece index arrays (everything but the token store)."""
         arrays = (self.header, self.item, self.last, self.request, self.target, self.titles, self.review_start,
                   self.piece_lengths, self.history_cumsum)
-        return self.store.nbytes + sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + self.index_nbytes
 
 
 def _history_line(review: dl.Review) -> str:
