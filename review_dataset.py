@@ -175,9 +175,11 @@ class ReviewDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[dl.Sample], tokens: ReviewTokens, eos_token_id: int,
                  max_length: int | None):
-        self.samples, self.tokens, self.eos, self.max_length = samples, tokens, eos_token_id, max_length
+        self.samples: list[dl.Sample] | None = samples  # None after release_texts()
+        self.tokens, self.eos, self.max_length = tokens, eos_token_id, max_length
         rows = np.fromiter((tokens.row_of[s.user.index] for s in samples), dtype=np.int64, count=len(samples))
         positions = np.fromiter((s.position for s in samples), dtype=np.int64, count=len(samples))
+        self.row = rows.astype(np.int32)  # user row of each sample (its header piece)
         self.review = tokens.review_start[rows] + positions  # global review index of each target
         self._plan(samples, rows, positions)
 
@@ -230,8 +232,7 @@ class ReviewDataset(torch.utils.data.Dataset):
     # -- assembling one sample -----------------------------------------------------------------------------
     def _pieces(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Piece ids of sample ``i`` in prompt order (target last) and their lengths (target truncated)."""
-        t, g, k = self.tokens, int(self.review[i]), int(self.history_count[i])
-        row = t.row_of[self.samples[i].user.index]
+        t, g, k, row = self.tokens, int(self.review[i]), int(self.history_count[i]), int(self.row[i])
         if k:
             pieces = np.concatenate(([t.header[row], t.titles[k]], t.item[g - k:g - 1],
                                      [t.last[g - 1], t.request[g], t.target[g]]))
@@ -252,7 +253,7 @@ class ReviewDataset(torch.utils.data.Dataset):
         return ids
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.review)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         if not -len(self) <= i < len(self):
@@ -264,6 +265,8 @@ class ReviewDataset(torch.utils.data.Dataset):
 
     def encoded(self, i: int) -> dl.EncodedSample:
         """Sample ``i`` as the eager ``SampleTokenizer`` encodes it (equal in every field)."""
+        if self.samples is None:
+            raise RuntimeError("release_texts() dropped the samples: only input_ids / labels remain")
         item = self[i]
         i = i % len(self)
         return dl.EncodedSample(self.samples[i], item["input_ids"], item["labels"], int(self.prompt_length[i]),
@@ -271,6 +274,10 @@ class ReviewDataset(torch.utils.data.Dataset):
 
     def encoded_samples(self) -> EncodedView:
         return EncodedView(self)
+
+    def release_texts(self) -> None:
+        """Forget the Sample objects (and through them the review texts): training needs only the arrays."""
+        self.samples = None
 
     @property
     def truncated(self) -> np.ndarray:
@@ -283,8 +290,8 @@ class ReviewDataset(torch.utils.data.Dataset):
     @property
     def nbytes(self) -> int:
         """Bytes of this split's own per-sample arrays (the shared :class:`ReviewTokens` not included)."""
-        return sum(a.nbytes for a in (self.review, self.history_count, self.target_length, self.prompt_length,
-                                      self.lengths))
+        return sum(a.nbytes for a in (self.row, self.review, self.history_count, self.target_length,
+                                      self.prompt_length, self.lengths))
 
 
 class EncodedView(Sequence):

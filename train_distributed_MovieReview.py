@@ -282,10 +282,16 @@ def optimizer_steps_per_epoch(num_samples: int, batch_size: int, world_size: int
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class PreparedData:
-    data: dl.ReviewData
+    data: dl.ReviewData | None  # None after release_texts()
     splits: dict[str, list[dl.Sample]]
     datasets: dict[str, rd.ReviewDataset]  # compact token pieces; samples assembled when read
     truncated_targets: int
+
+    def release_texts(self) -> None:
+        """Keep only the compact token arrays (ranks that write no text files need nothing else)."""
+        self.data, self.splits = None, {}
+        for ds in self.datasets.values():
+            ds.release_texts()
 
     @property
     def encoded(self) -> dict[str, rd.EncodedView]:
@@ -473,6 +479,9 @@ def train(args: argparse.Namespace, rank: int) -> int:
     source, local_only = model_source(args.model_path, os.environ)
     tokenizer = load_tokenizer(args, source, local_only)
     prepared = prepare_data(args, data, splits, tokenizer)
+    if rank != 0:  # only rank 0 writes text files (preview, test samples, config): the others keep the arrays
+        del data, splits
+        prepared.release_texts()
     plan = detect_runtime(args.disable_flash_attn)
     facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
     model = None if args.preview_only else load_model(args, source, local_only, plan)

@@ -244,3 +244,13 @@ def test_bad_file_among_several_is_named_before_the_model_loads(tmp_path):
                                     "--model_path", str(tmp_path / "no-model")))
     assert str(bad) in line and "user #0 (B)" in line and "'task'" in line
     assert not out.exists()
+
+
+def test_released_dataset_still_serves_items_but_not_texts(bpe_tokenizer, example_data_file):
+    splits = dl.split_chronologically(dl.load_review_file(str(example_data_file)))
+    ds = rd.build_datasets(splits, bpe_tokenizer, 250)["train"]
+    before = [ds[i] for i in range(len(ds))]
+    ds.release_texts()
+    assert [ds[i] for i in range(len(ds))] == before and len(ds) == len(before)
+    with pytest.raises(RuntimeError, match="release_texts"):
+        ds.encoded(0)

@@ -21,6 +21,7 @@ Two modes:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -156,14 +157,25 @@ def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
                                 for t in list(distinct_texts)[:20000]))
         if len(distinct_texts) > 20000:  # estimate from a sample for huge distinct sets
             review_tokens = review_tokens * len(distinct_texts) // 20000
+        held = current_rss_gb()
+        del data, splits, distinct_texts
+        for v in ready.values():
+            v.release_texts()  # what ranks other than 0 keep: only the arrays
+        gc.collect()
         index = tokens.index_nbytes + sum(v.nbytes for v in ready.values())
         extra = {"pieces": len(tokens.store.offsets) - 1, "piece_tokens": len(tokens.store.tokens),
                  "distinct_review_texts": len(distinct_texts), "distinct_review_tokens": review_tokens,
                  "dataset_bytes": index + tokens.store.nbytes, "pieces_bytes": tokens.store.nbytes,
                  "index_bytes_per_sample": index / samples,
-                 "prompt_tokens": int(sum(int(v.lengths.sum()) for v in ready.values()))}
+                 "prompt_tokens": int(sum(int(v.lengths.sum()) for v in ready.values())),
+                 "rss_held_gb": held, "rss_arrays_only_gb": current_rss_gb()}
     return {"samples": samples, "tokenizer_s": t_tok - t0, "load_split_s": t_load - t_tok,
             "tokens_s": t_end - t_load, "total_s": t_end - t0, "cpu_s": cpu, "peak_rss_gb": peak / 2**20, **extra}
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def cpu_seconds() -> float:
@@ -264,6 +276,9 @@ def bench_users(args) -> int:
                            f"{result['piece_tokens']:,} tokens = {per_token:.1f} B per distinct review token; "
                            f"{result['distinct_review_texts']:,} distinct texts, "
                            f"{result['distinct_review_tokens']:,} tokens)")
+        if "rss_held_gb" in result:
+            details.append(f"RSS after: {result['rss_held_gb']:.2f} GB with the texts, "
+                           f"{result['rss_arrays_only_gb']:.2f} GB with the arrays only (ranks > 0)")
         if "imports_torch" in result:
             details.append("imports torch" if result["imports_torch"] else "no torch import")
         print(f"{name:<28} {result['total_s']:>6.1f} s {result.get('cpu_s', 0):>6.1f} s "
