@@ -157,14 +157,14 @@ def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
                                 for t in list(distinct_texts)[:20000]))
         if len(distinct_texts) > 20000:  # estimate from a sample for huge distinct sets
             review_tokens = review_tokens * len(distinct_texts) // 20000
-        held = current_rss_gb()
+        held, distinct = current_rss_gb(), len(distinct_texts)
         del data, splits, distinct_texts
         for v in ready.values():
             v.release_texts()  # what ranks other than 0 keep: only the arrays
         gc.collect()
         index = tokens.index_nbytes + sum(v.nbytes for v in ready.values())
         extra = {"pieces": len(tokens.store.offsets) - 1, "piece_tokens": len(tokens.store.tokens),
-                 "distinct_review_texts": len(distinct_texts), "distinct_review_tokens": review_tokens,
+                 "distinct_review_texts": distinct, "distinct_review_tokens": review_tokens,
                  "dataset_bytes": index + tokens.store.nbytes, "pieces_bytes": tokens.store.nbytes,
                  "index_bytes_per_sample": index / samples,
                  "prompt_tokens": int(sum(int(v.lengths.sum()) for v in ready.values())),
