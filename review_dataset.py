@@ -71,15 +71,17 @@ class PieceStore:
 
     def tokenize(self, tokenizer, batch_size: int = TOKENIZE_BATCH) -> None:
         """Tokenize every registered piece (without special tokens), in batches; then forget the texts."""
-        chunks, lengths = [], array("q")
+        # One growing C array rather than chunks + np.concatenate: concatenating would briefly need the whole
+        # store twice (a large realloc is a remap on Linux, not a copy).
+        tokens, lengths = array("i"), array("q")
         pending = self._pending
         for start in tqdm(range(0, len(pending), batch_size), desc="tokenizing review pieces", unit="batch",
                           disable=None if len(pending) > 50 * batch_size else True):
             texts = [render(arg) for render, arg in pending[start:start + batch_size]]
             ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
             lengths.extend(map(len, ids))
-            chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32))
-        self.tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+            tokens.frombytes(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32).view(np.uint8))
+        self.tokens = np.frombuffer(tokens, dtype=np.int32) if len(tokens) else np.zeros(0, dtype=np.int32)
         self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=self.offsets[1:])
         self._index, self._pending = {}, []
