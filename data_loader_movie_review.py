@@ -11,8 +11,11 @@ Pipeline::
     builder.render(sample)                             # prompt text, exactly the spec's "模型输入格式"
     SampleTokenizer(tokenizer, max_length, builder).encode_split(splits["train"])  # input_ids / labels
 
-Run as a script it prints the split report (``python data_loader_movie_review.py FILE [--json]``). The
-inspection path never imports torch or transformers, so it answers in a fraction of a second.
+Several files and/or directories of ``.json`` files load as one data set with :func:`load_review_data`
+(users numbered globally, so users from different files stay distinct; errors still name the file).
+
+Run as a script it prints the split report (``python data_loader_movie_review.py FILE|DIR ... [--json]``). The
+inspection path never imports torch or transformers, and the report is linear in the number of samples.
 
 Data errors raise :class:`ReviewDataError`, whose message is one line naming the file, the user (index and
 name), the record index and what is wrong.
@@ -21,13 +24,17 @@ name), the record index and what is wrong.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+
+from tqdm.auto import tqdm
 
 REVIEW_TYPE = "movie_review"
 SPLITS = ("train", "val", "test")
@@ -64,7 +71,7 @@ class ReviewDataError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Data model
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million reviews must not each carry a __dict__
 class Review:
     user_index: int
     user_name: str
@@ -83,19 +90,22 @@ class UserHistory:
     reviews: list[Review]  # non-empty reviews, oldest first (stable for equal times)
     skipped_empty: int = 0
     ignored_collections: int = 0
+    file: str = ""  # the file this user came from
+    file_index: int | None = None  # position inside that file (``index`` is global across all input files)
 
 
 @dataclass
 class ReviewData:
-    path: str
+    path: str  # the input as given: one file, or several paths joined with ", "
     users: list[UserHistory]
+    files: list[str] = field(default_factory=list)  # every file read, in load order (users are numbered in it)
 
     @property
     def num_reviews(self) -> int:
         return sum(len(u.reviews) for u in self.users)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One training/evaluation example: predict ``target`` from the user's earlier reviews."""
 
@@ -148,6 +158,7 @@ def read_json_file(path: str) -> Any:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ReviewDataError(path, f"not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
+    del raw  # a big file's bytes need not stay alive while its JSON tree is built
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -171,10 +182,13 @@ def _json_type(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _parse_user(path: str, index: int, obj: Any) -> UserHistory:
+def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None) -> UserHistory:
+    """Validate one user entry. ``index`` is its position in ``path`` (what errors name); ``global_index`` its
+    number across all input files (defaults to ``index``)."""
     def fail(problem: str, name: str | None = None, record: int | None = None):
         return ReviewDataError(path, problem, index, name, record)
 
+    uid = index if global_index is None else global_index
     _expect(obj, dict, "a user entry", fail)
     user = _expect(obj.get("user"), dict, "'user'", fail)
     profile = _expect(user.get("profile"), dict, "'user.profile'", fail)
@@ -217,9 +231,33 @@ def _parse_user(path: str, index: int, obj: Any) -> UserHistory:
             if not text.strip():
                 skipped_empty += 1
                 continue
-            reviews.append(Review(index, name, r, movie, text.strip(), stamp.strip(), when))
+            reviews.append(Review(uid, name, r, movie, text.strip(), stamp.strip(), when))
     reviews.sort(key=lambda rv: rv.time)  # list.sort is stable: same-day reviews keep file order
-    return UserHistory(index, name, description, reviews, skipped_empty, ignored)
+    return UserHistory(uid, name, description, reviews, skipped_empty, ignored, path, index)
+
+
+def _parse_users(path: str, first_index: int = 0) -> list[UserHistory]:
+    """The validated users of one file, numbered from ``first_index``."""
+    obj = read_json_file(path)
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list):
+        raise ReviewDataError(path, f"top level must be a list of users (or one user object), got {_json_type(obj)}")
+    if not obj:
+        raise ReviewDataError(path, "the file holds no users")
+    users = []
+    for i in range(len(obj)):
+        users.append(_parse_user(path, i, obj[i], first_index + i))
+        obj[i] = None  # drop the parsed JSON as we go: the tree of a big file is the peak of the whole load
+    return users
+
+
+def _check_usable(data: ReviewData) -> ReviewData:
+    if data.num_reviews == 0:
+        skipped = sum(u.skipped_empty for u in data.users)
+        raise ReviewDataError(data.path, f"no usable reviews (all {skipped} review texts are empty)"
+                              if skipped else "no usable reviews (no movie_review records)")
+    return data
 
 
 def load_review_file(path: str) -> ReviewData:
@@ -228,20 +266,49 @@ def load_review_file(path: str) -> ReviewData:
     Empty / whitespace-only reviews are skipped and counted; collections whose type is not ``movie_review``
     are ignored and counted. Raises :class:`ReviewDataError` for anything malformed.
     """
-    obj = read_json_file(path)
-    if isinstance(obj, dict):
-        obj = [obj]
-    if not isinstance(obj, list):
-        raise ReviewDataError(path, f"top level must be a list of users (or one user object), got {_json_type(obj)}")
-    if not obj:
-        raise ReviewDataError(path, "the file holds no users")
-    users = [_parse_user(path, i, entry) for i, entry in enumerate(obj)]
-    data = ReviewData(path, users)
-    if data.num_reviews == 0:
-        skipped = sum(u.skipped_empty for u in users)
-        raise ReviewDataError(path, f"no usable reviews (all {skipped} review texts are empty)"
-                              if skipped else "no usable reviews (no movie_review records)")
-    return data
+    return _check_usable(ReviewData(path, _parse_users(path), [path]))
+
+
+def expand_data_paths(paths: Sequence[str]) -> list[str]:
+    """Files named by ``paths``: a file stays itself, a directory gives its ``*.json`` files (sorted by name,
+    not recursive: exports often come as one user per file). The same file named twice is an error."""
+    files: list[tuple[str, str]] = []  # (file, the argument that named it)
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(n for n in os.listdir(path) if n.lower().endswith(".json")
+                           and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise ReviewDataError(path, "the directory holds no .json files")
+            files.extend((os.path.join(path, n), path) for n in found)
+        else:
+            files.append((path, path))  # missing / unreadable files are reported by read_json_file
+    seen: dict[str, str] = {}
+    for f, origin in files:
+        key = os.path.realpath(f)
+        if key in seen:
+            both = f" (named by {seen[key]} and by {origin})" if seen[key] != origin else ""
+            raise ReviewDataError(f, f"given twice{both}; each file may be loaded once")
+        seen[key] = origin
+    return [f for f, _ in files]
+
+
+def load_review_data(paths: str | Sequence[str]) -> ReviewData:
+    """Several files and/or directories of ``.json`` files as one data set.
+
+    Users are numbered globally in load order (``UserHistory.index``), so users from different files stay
+    distinct even with the same name; errors still name the file and the user's position inside it. One file
+    gives exactly :func:`load_review_file`'s result.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ReviewDataError("arguments", "no data file given")
+    files = expand_data_paths(paths)
+    if len(files) == 1 and files == paths:
+        return load_review_file(files[0])
+    users: list[UserHistory] = []
+    for f in tqdm(files, desc="reading review files", unit="file", disable=None if len(files) > 20 else True):
+        users.extend(_parse_users(f, len(users)))
+    return _check_usable(ReviewData(", ".join(paths), users, files))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -559,29 +626,56 @@ def encode_new_review(tokenizer, user: UserHistory, movie: str, builder: PromptB
 # Report (CLI)
 # --------------------------------------------------------------------------------------------------------------
 def _time_range(samples: list[Sample]) -> list[str] | None:
+    """Earliest and latest target timestamp, as a stable sort by time would give them: among equal times the
+    first sample is the earliest and the last one the latest. Two linear scans instead of a sort."""
     if not samples:
         return None
-    times = sorted(samples, key=lambda s: s.target.time)
-    return [times[0].target.timestamp, times[-1].target.timestamp]
+    first = min(samples, key=lambda s: s.target.time)
+    last = max(reversed(samples), key=lambda s: s.target.time)
+    return [first.target.timestamp, last.target.timestamp]
 
 
 def split_summary(samples_by_split: dict[str, list[Sample]]) -> dict[str, Any]:
     return {name: {"samples": len(ss), "time_range": _time_range(ss)} for name, ss in samples_by_split.items()}
 
 
+REPORT_USERS_LISTED = 20  # the text report lists every user up to this many, then summarises (--json keeps all)
+REPORT_EXTREMES = 5  # users shown with the most / fewest reviews
+
+
+def _samples_by_user(splits: dict[str, list[Sample]]) -> dict[int, dict[str, list[Sample]]]:
+    """One pass over all samples (not one per user): user index -> split -> that user's samples."""
+    by_user: dict[int, dict[str, list[Sample]]] = {}
+    for name, samples in splits.items():
+        for s in samples:
+            mine = by_user.get(s.user.index)
+            if mine is None:
+                mine = by_user[s.user.index] = {n: [] for n in splits}
+            mine[name].append(s)
+    return by_user
+
+
+def _user_brief(user: UserHistory) -> dict[str, Any]:
+    return {"index": user.index, "name": user.name, "reviews": len(user.reviews), "file": user.file}
+
+
 def build_report(data: ReviewData, splits: dict[str, list[Sample]], builder: PromptBuilder) -> dict[str, Any]:
+    by_user = _samples_by_user(splits)
+    no_samples = {name: [] for name in splits}
     per_user = []
     for user in data.users:
-        mine = {name: [s for s in ss if s.user.index == user.index] for name, ss in splits.items()}
         per_user.append({
             "index": user.index, "name": user.name, "reviews": len(user.reviews),
             "skipped_empty": user.skipped_empty, "ignored_collections": user.ignored_collections,
-            "splits": split_summary(mine),
+            "file": user.file, "splits": split_summary(by_user.get(user.index, no_samples)),
         })
     warnings = [f"the {name} split is empty" for name in ("val", "test") if not splits[name]]
     example = next((splits[name][0] for name in ("val", "test") if splits[name]), None) or splits["train"][-1]
+    most = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (-len(u.reviews), u.index))
+    fewest = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (len(u.reviews), u.index))
     return {
         "file": data.path,
+        "files": data.files or [data.path],
         "users": len(data.users),
         "reviews": data.num_reviews,
         "samples": sum(len(ss) for ss in splits.values()),
@@ -590,6 +684,10 @@ def build_report(data: ReviewData, splits: dict[str, list[Sample]], builder: Pro
             "non_movie_review_collections": sum(u.ignored_collections for u in data.users),
         },
         "splits": split_summary(splits),
+        "users_with_empty_split": {name: sum(1 for u in per_user if u["splits"][name]["samples"] == 0)
+                                   for name in splits},
+        "most_reviews": [_user_brief(u) for u in most],
+        "fewest_reviews": [_user_brief(u) for u in fewest],
         "per_user": per_user,
         "warnings": warnings,
         "example": {
@@ -611,12 +709,20 @@ def _elide_history(prompt: str, keep: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _files_line(files: list[str], shown: int = 3) -> str:
+    if len(files) == 1:
+        return f"文件: {files[0]}"
+    more = f" 等（共 {len(files)} 个）" if len(files) > shown else ""
+    return f"文件 ({len(files)} 个): " + ", ".join(files[:shown]) + more
+
+
 def format_report(report: dict[str, Any]) -> str:
     def span(r):
         return f"{r[0]} ~ {r[1]}" if r else "-"
 
+    files = report.get("files") or [report["file"]]
     out = [
-        f"文件: {report['file']}",
+        _files_line(files),
         f"用户数: {report['users']}  影评数: {report['reviews']}  样本数: {report['samples']}",
         f"跳过: 空影评 {report['skipped']['empty_reviews']} 条; "
         f"非 movie_review 集合 {report['skipped']['non_movie_review_collections']} 个",
@@ -625,12 +731,25 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for name, info in report["splits"].items():
         out.append(f"  {name:<5} {info['samples']:>5} 条  {span(info['time_range'])}")
-    if report["users"] > 1:
+    if 1 < report["users"] <= REPORT_USERS_LISTED:
         out.append("")
         out.append("各用户划分:")
         for u in report["per_user"]:
             parts = "  ".join(f"{n} {i['samples']} ({span(i['time_range'])})" for n, i in u["splits"].items())
-            out.append(f"  #{u['index']} {u['name']}: {u['reviews']} 条 (空 {u['skipped_empty']})  {parts}")
+            source = f" [{os.path.basename(u['file'])}]" if len(files) > 1 else ""
+            out.append(f"  #{u['index']} {u['name']}{source}: {u['reviews']} 条 (空 {u['skipped_empty']})  {parts}")
+    elif report["users"] > REPORT_USERS_LISTED:
+        def brief(users):
+            return ", ".join(f"#{u['index']} {u['name']} ({u['reviews']})" for u in users)
+
+        empty = report["users_with_empty_split"]
+        out += [
+            "",
+            f"各用户 ({report['users']} 个，完整列表见 --json):",
+            f"  影评最多: {brief(report['most_reviews'])}",
+            f"  影评最少: {brief(report['fewest_reviews'])}",
+            f"  val 为空的用户: {empty['val']} 个; test 为空的用户: {empty['test']} 个",
+        ]
     for w in report["warnings"]:
         out.append(f"警告: {w}")
     ex = report["example"]
@@ -647,7 +766,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Inspect a Douban review file and its chronological split.")
-    parser.add_argument("data_file", help="review JSON file")
+    parser.add_argument("data_file", nargs="+",
+                        help="review JSON file(s) and/or directories of .json files, loaded as one data set")
     parser.add_argument("--train_ratio", type=float, default=DEFAULT_RATIOS[0], help="training share (0.7)")
     parser.add_argument("--val_ratio", type=float, default=DEFAULT_RATIOS[1], help="validation share (0.15)")
     parser.add_argument("--test_ratio", type=float, default=DEFAULT_RATIOS[2], help="test share (0.15)")
@@ -657,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
-        data = load_review_file(args.data_file)
+        data = load_review_data(args.data_file)
         splits = split_chronologically(data, args.train_ratio, args.val_ratio, args.test_ratio)
     except ReviewDataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import netrc
@@ -28,7 +29,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import adapters
 import data_loader_movie_review as dl
@@ -36,6 +37,9 @@ import fault_tolerance as ft
 import sharding
 from precision import PRECISIONS, PrecisionPlan, optimi_importable, plan_precision
 from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:  # review_dataset imports torch: loaded only once the data has been validated
+    import review_dataset as rd
 
 logger = logging.getLogger("movie_review")
 
@@ -61,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = p.add_argument_group("data")
-    data.add_argument("--data_file", required=True, help="review JSON file (spec format)")
+    data.add_argument("--data_file", required=True, nargs="+", metavar="PATH",
+                      help="review JSON file (spec format); several files and/or directories of .json files "
+                           "load as one data set")
     data.add_argument("--train_ratio", type=float, default=0.7, help="oldest share of each user's reviews: train")
     data.add_argument("--val_ratio", type=float, default=0.15, help="next share: validation (early stopping)")
     data.add_argument("--test_ratio", type=float, default=0.15, help="newest share: test (test_samples.json)")
@@ -299,33 +305,66 @@ def optimizer_steps_per_epoch(num_samples: int, batch_size: int, world_size: int
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class PreparedData:
-    data: dl.ReviewData
+    data: dl.ReviewData | None  # None after release_texts()
     splits: dict[str, list[dl.Sample]]
-    encoded: dict[str, list[dl.EncodedSample]]
+    datasets: dict[str, rd.ReviewDataset]  # compact token pieces; samples assembled when read
     truncated_targets: int
 
-    def features(self, split: str) -> list[dict[str, list[int]]]:
-        return [e.as_features() for e in self.encoded[split]]
+    def release_texts(self) -> None:
+        """Keep only the compact token arrays (ranks that write no text files need nothing else)."""
+        self.data, self.splits = None, {}
+        for ds in self.datasets.values():
+            ds.release_texts()
+
+    @property
+    def encoded(self) -> dict[str, rd.EncodedView]:
+        """Per split, the samples as EncodedSample (assembled on access, never all held)."""
+        return {name: ds.encoded_samples() for name, ds in self.datasets.items()}
+
+    def features(self, split: str) -> rd.ReviewDataset:
+        """Map-style dataset of {"input_ids", "labels"} (plain int lists); ``.lengths`` without assembling."""
+        return self.datasets[split]
 
 
 def load_splits(args: argparse.Namespace) -> tuple[dl.ReviewData, dict[str, list[dl.Sample]]]:
-    data = dl.load_review_file(args.data_file)
+    data = dl.load_review_data(args.data_file)
     splits = dl.split_chronologically(data, args.train_ratio, args.val_ratio, args.test_ratio)
     if not splits["train"]:
-        raise UsageError(f"{args.data_file}: no training samples with --train_ratio {args.train_ratio}")
+        raise UsageError(f"{data.path}: no training samples with --train_ratio {args.train_ratio}")
     return data, splits
 
 
 def prepare_data(args: argparse.Namespace, data: dl.ReviewData, splits: dict[str, list[dl.Sample]],
                  tokenizer) -> PreparedData:
-    encoder = dl.SampleTokenizer(tokenizer, args.max_length, dl.PromptBuilder(args.use_profile, args.use_history))
-    encoded = {name: encoder.encode_split(samples) for name, samples in splits.items()}
-    mismatches = encoder.count_text_mismatches(encoded["train"], limit=PROMPT_CHECK_SAMPLES)
+    """Token pieces for every split. Every torchrun rank runs this itself (cheap and deterministic; see
+    review_dataset's docstring for why not rank 0 + a cache)."""
+    import review_dataset as rd
+
+    builder = dl.PromptBuilder(args.use_profile, args.use_history)
+    datasets = rd.build_datasets(splits, tokenizer, args.max_length, builder)
+    train = datasets["train"]
+    checked = [train.encoded(i) for i in range(min(PROMPT_CHECK_SAMPLES, len(train)))]
+    mismatches = dl.SampleTokenizer(tokenizer, args.max_length, builder).count_text_mismatches(checked)
     if mismatches:
         logger.warning("with this tokenizer %d of the first %d training prompts tokenize differently as text than "
-                       "as assembled pieces; evaluation generates from the prompt text", mismatches,
-                       min(PROMPT_CHECK_SAMPLES, len(encoded["train"])))
-    return PreparedData(data, splits, encoded, encoder.truncated_targets)
+                       "as assembled pieces; evaluation generates from the prompt text", mismatches, len(checked))
+    return PreparedData(data, splits, datasets, sum(ds.truncated_targets for ds in datasets.values()))
+
+
+def write_test_samples(path: str, encoded) -> None:
+    """test_samples.json, record by record: the same bytes as ``write_json_atomic(path, [records])`` without
+    holding every record (and every test prompt) in memory at once."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            first = True
+            for enc in encoded:
+                text = json.dumps(dl.sample_record(enc), ensure_ascii=False, indent=2)
+                # One level deeper, as inside a list. JSON strings hold no raw newlines, so every line is safe.
+                f.write(("[\n" if first else ",\n") + "  " + text.replace("\n", "\n  "))
+                first = False
+            f.write("[]\n" if first else "\n]\n")
+
+    write_atomic(path, write)
 
 
 def write_preview(path: str, encoded: list[dl.EncodedSample], total: int) -> None:
@@ -501,6 +540,9 @@ def train(args: argparse.Namespace, rank: int) -> int:
     source, local_only = model_source(args.model_path, os.environ)
     tokenizer = load_tokenizer(args, source, local_only)
     prepared = prepare_data(args, data, splits, tokenizer)
+    if rank != 0:  # only rank 0 writes text files (preview, test samples, config): the others keep the arrays
+        del data, splits
+        prepared.release_texts()
     facts = run_facts(args, prepared, plan, int(os.environ.get("WORLD_SIZE", "1")), report_to)
     facts["resumed_from"] = resume
     model = None if args.preview_only else load_model(args, source, local_only, plan, quantization)
@@ -535,7 +577,9 @@ def train(args: argparse.Namespace, rank: int) -> int:
             "arguments": vars(args),
             "resolved": facts,
             "data": {
-                "file": os.path.abspath(args.data_file), "users": len(prepared.data.users),
+                "file": ", ".join(os.path.abspath(p) for p in args.data_file),
+                "files": [os.path.abspath(f) for f in prepared.data.files],  # every file read (dirs expanded)
+                "users": len(prepared.data.users),
                 "reviews": prepared.data.num_reviews, "splits": dl.split_summary(prepared.splits),
             },
             "result": outcome,
@@ -646,8 +690,7 @@ def start_output_dir(args, prepared: PreparedData, facts: dict[str, Any], report
                        prepared.truncated_targets)
     write_preview(os.path.join(args.output_dir, "training_samples_preview.txt"), prepared.encoded["train"],
                   len(prepared.encoded["train"]))
-    write_json_atomic(os.path.join(args.output_dir, "test_samples.json"),
-                      [dl.sample_record(e) for e in prepared.encoded["test"]])
+    write_test_samples(os.path.join(args.output_dir, "test_samples.json"), prepared.encoded["test"])
 
 
 def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimePlan, report_to: str,
@@ -655,6 +698,7 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     import completion_training as ct
+    import review_dataset as rd
 
     has_val = bool(prepared.encoded["val"])
     efficiency = efficiency_plan(args, plan)
@@ -693,7 +737,8 @@ def build_trainer(args, model, tokenizer, prepared: PreparedData, plan: RuntimeP
         **plan.training_kwargs(),
         **(extra_training_kwargs or {}),  # FSDP / DeepSpeed (sharding.training_kwargs)
     )
-    return ct.CompletionTrainer(
+    # Length grouping reads the datasets' precomputed lengths instead of assembling every sample to measure it.
+    return rd.with_dataset_lengths(ct.CompletionTrainer)(
         model=model,
         args=training_args,
         train_dataset=prepared.features("train"),
@@ -769,10 +814,17 @@ def summarize_run(args, trainer, result, has_val: bool) -> dict[str, Any]:
     return outcome
 
 
+def data_source(data: dl.ReviewData) -> str:
+    """The input as given, plus how many files it expanded to when that is not obvious."""
+    files = len(data.files)
+    return data.path if files <= 1 or data.path == ", ".join(data.files) else f"{data.path} ({files} files)"
+
+
 def log_start_summary(args, prepared: PreparedData, facts: dict[str, Any], report_msg: str | None) -> None:
     splits = dl.split_summary(prepared.splits)
     rows = [
-        f"data        {args.data_file}: {len(prepared.data.users)} user(s), {prepared.data.num_reviews} reviews",
+        f"data        {data_source(prepared.data)}: {len(prepared.data.users)} user(s), "
+        f"{prepared.data.num_reviews} reviews",
         *(f"  {n:<5}     {i['samples']:>5} samples  {i['time_range'][0] + ' ~ ' + i['time_range'][1] if i['time_range'] else '-'}"
           for n, i in splits.items()),
         f"prompt      profile={'on' if args.use_profile else 'off'} history={'on' if args.use_history else 'off'}"

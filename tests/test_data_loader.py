@@ -896,3 +896,130 @@ def test_real_file_split_is_chronological_per_user(douban_dmr_dir, name):
         for line in history_lines_in(dl.PromptBuilder().render(s)):
             assert line.count("《") >= 1 and "\n" not in line
         assert dl.PromptBuilder().render(s).count("\n") == (s.position + 6 if s.position else 4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Several files / a directory as one data set
+# --------------------------------------------------------------------------------------------------------------
+def _user_file(path: Path, name: str, count: int, day0: int = 1) -> str:
+    return write_json(path, [user_entry(name, [review(f"{name}的第{i}条", f"片{i}", f"2015-01-{day0 + i:02d}")
+                                               for i in range(count)])])
+
+
+def test_two_files_load_as_one_data_set_with_distinct_users(tmp_path):
+    a = _user_file(tmp_path / "a.json", "Y", 10)
+    b = _user_file(tmp_path / "b.json", "Y", 7)  # same name, other file: another user
+    data = dl.load_review_data([a, b])
+    assert data.files == [a, b] and data.path == f"{a}, {b}"
+    assert [(u.index, u.name, u.file, u.file_index, len(u.reviews)) for u in data.users] == \
+        [(0, "Y", a, 0, 10), (1, "Y", b, 0, 7)]
+    assert all(r.user_index == u.index for u in data.users for r in u.reviews)
+    splits = dl.split_chronologically(data)
+    assert [len(splits[n]) for n in dl.SPLITS] == [7 + 4, 1 + 1, 2 + 2]
+    assert {s.user.index for s in splits["test"]} == {0, 1}
+    report = dl.build_report(data, splits, dl.PromptBuilder())
+    assert [(u["index"], u["file"], u["reviews"]) for u in report["per_user"]] == [(0, a, 10), (1, b, 7)]
+    assert report["files"] == [a, b]
+
+
+def test_one_file_through_load_review_data_is_load_review_file(example_data_file):
+    path = str(example_data_file)
+    assert dl.load_review_data([path]) == dl.load_review_file(path) == dl.load_review_data(path)
+
+
+def test_directory_loads_its_json_files_in_name_order(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name, count in (("c", 3), ("a", 4), ("b", 5)):
+        _user_file(folder / f"user_{name}.json", name.upper(), count)
+    (folder / "notes.txt").write_text("not data")
+    (folder / "sub").mkdir()  # not recursive
+    _user_file(folder / "sub" / "user_d.json", "D", 2)
+    extra = _user_file(tmp_path / "extra.json", "E", 3)
+    data = dl.load_review_data([str(folder), extra])
+    assert [u.name for u in data.users] == ["A", "B", "C", "E"]
+    assert [u.index for u in data.users] == [0, 1, 2, 3]
+    assert data.files == [str(folder / "user_a.json"), str(folder / "user_b.json"), str(folder / "user_c.json"),
+                          extra]
+
+
+def test_bad_file_in_a_directory_is_named(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    _user_file(folder / "a.json", "A", 3)
+    bad = user_entry("B", [review("一", "乙", "2015-01-02"), review("二", "丙", "2015/01/03")])
+    write_json(folder / "b.json", [bad])
+    with pytest.raises(dl.ReviewDataError) as info:
+        dl.load_review_data([str(folder)])
+    message = str(info.value)
+    assert message.startswith(str(folder / "b.json") + ": user #0 (B): record #1: ")
+    assert "2015/01/03" in message
+    result = run_cli(folder)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda t: [str(_dir(t))], ["adir", "no .json files"]),
+    (lambda t: [_user_file(t / "a.json", "A", 3)] * 2, ["a.json", "given twice"]),
+    (lambda t: [str(t), _user_file(t / "a.json", "A", 3)], ["a.json", "given twice", "named by"]),
+    (lambda t: [_user_file(t / "a.json", "A", 3), str(t / "missing.json")], ["missing.json", "not found"]),
+])
+def test_bad_multi_file_inputs_are_one_line_errors(tmp_path, make, expected):
+    paths = make(tmp_path)
+    with pytest.raises(dl.ReviewDataError) as info:
+        dl.load_review_data(paths)
+    assert "\n" not in str(info.value)
+    for part in expected:
+        assert part in str(info.value)
+    result = run_cli(*paths)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+
+
+def test_cli_takes_several_files_and_directories(tmp_path, douban_dmr_dir, example_data_file):
+    result = run_cli(douban_dmr_dir, example_data_file, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["users"] == 7 and len(report["files"]) == 4
+    assert [u["name"] for u in report["per_user"]][-1] == "Y"
+    assert [u["index"] for u in report["per_user"]] == list(range(7))
+    text = run_cli(douban_dmr_dir, example_data_file).stdout
+    assert "文件 (4 个): " in text and "等（共 4 个）" in text
+    assert "#6 Y [example_movie_review_data.json]: 28 条" in text
+
+
+def test_report_with_thousands_of_users_is_summarised(tmp_path):
+    # 3000 users; user u has 1 + u % 7 reviews, so users with 1 or 2 reviews have empty val / test splits.
+    users = [user_entry(f"u{u}", [review(f"t{u}-{i}", f"m{i}", f"2015-01-{1 + i:02d}") for i in range(1 + u % 7)])
+             for u in range(3000)]
+    path = write_json(tmp_path / "many.json", users)
+    result = run_cli(path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "用户数: 3000" in text and "各用户 (3000 个，完整列表见 --json):" in text
+    assert len(text.splitlines()) < 60  # readable: no line per user
+    assert "影评最多: #6 u6 (7), #13 u13 (7), #20 u20 (7)" in text
+    assert "影评最少: #0 u0 (1), #7 u7 (1), #14 u14 (1)" in text
+    counts = [1 + u % 7 for u in range(3000)]
+    empty_val = sum(1 for n in counts if dl.split_sizes(n, 0.7, 0.15)[1] == 0)
+    empty_test = sum(1 for n in counts if dl.split_sizes(n, 0.7, 0.15)[2] == 0)
+    assert f"val 为空的用户: {empty_val} 个; test 为空的用户: {empty_test} 个" in text
+    report = json.loads(run_cli(path, "--json").stdout)
+    assert len(report["per_user"]) == 3000
+    assert report["users_with_empty_split"] == {"train": sum(1 for n in counts if int(n * 0.7 + 1e-9) == 0),
+                                                "val": empty_val, "test": empty_test}
+    per_user = {u["index"]: u for u in report["per_user"]}
+    assert per_user[13]["splits"]["train"]["samples"] == 4  # 7 reviews: 4 / 1 / 2
+    assert per_user[13]["splits"]["test"]["time_range"] == ["2015-01-06", "2015-01-07"]
+
+
+def test_time_range_matches_a_stable_sort(tmp_path):
+    # Equal times written differently: the earliest is the first such sample, the latest the last one.
+    records = [review("a", "甲", "2015-01-02"), review("b", "乙", "2015-01-01 00:00"),
+               review("c", "丙", "2015-01-01"), review("d", "丁", "2015-01-02T00:00")]
+    data = load_obj(tmp_path, [user_entry("U", records)])
+    samples = dl.split_chronologically(data, 1.0, 0.0, 0.0)["train"]
+    by_sort = sorted(samples, key=lambda s: s.target.time)
+    assert dl._time_range(samples) == [by_sort[0].target.timestamp, by_sort[-1].target.timestamp] \
+        == ["2015-01-01 00:00", "2015-01-02T00:00"]
+    assert dl._time_range(list(reversed(samples))) == ["2015-01-01", "2015-01-02"]

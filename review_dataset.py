@@ -1,0 +1,364 @@
+"""Training-ready samples for thousands of users: token pieces stored once, each sample assembled on demand.
+
+``data_loader_movie_review.SampleTokenizer`` (the eager reference) returns every sample's ``input_ids`` and
+``labels`` as Python lists. A user's n-th sample repeats all n-1 earlier reviews, so that storage grows with
+reviews x history: 100,000 samples at ``--max_length 4096`` hold 189 M prompt tokens (3.5 GB of Python ints).
+Here the data is kept at the size of the data:
+
+* :class:`PieceStore` - every distinct text piece of the prompt (a user's header, a history line, a history
+  title, a request, a target review) is tokenized once, in batches through the tokenizer's batch call (the fast
+  tokenizer encodes a batch in Rust threads), and kept in one flat ``int32`` array with ``int64`` offsets.
+* :class:`ReviewTokens` - per review, which pieces it contributes (as history line, as last history line, as
+  request, as target) and a prefix sum of its history-line lengths over all reviews; per user, its header.
+* :class:`ReviewDataset` - one split: per sample only a few integers (its review, how many history items fit,
+  the target length, the prompt length, the total length). ``dataset[i]`` gathers the pieces into
+  ``{"input_ids": [...], "labels": [...]}`` (plain lists of ints, what transformers' collators expect).
+
+The ids are exactly the eager path's (same pieces, same budget rule: the most recent history items that fit,
+found with the same binary search, run for all samples at once with numpy); ``tests/test_review_dataset.py``
+compares every sample for all ablations and several budgets. Lengths (``dataset.lengths``) come from the
+prefix sums without assembling anything.
+
+Why a ``torch.utils.data.Dataset`` and not HF ``datasets`` with an on-the-fly transform: the only documented way
+to hand Trainer precomputed lengths is a ``datasets.Dataset`` length column (``length_column_name``), but in
+datasets 5 a column of a dataset with a transform is read row by row *through the transform* (transformers'
+``LengthGroupedSampler`` indexes it once per sample per epoch), which assembles every sample, ~13 us of overhead
+each before any assembling. Arrow would add nothing to storage that is already a few numpy arrays. So the data
+is a plain map-style Dataset and :class:`DatasetLengthsMixin` passes ``dataset.lengths`` to the same
+``LengthGroupedSampler`` through its ``lengths=`` argument, overriding ``Trainer._get_train_sampler`` /
+``_get_eval_sampler`` (the hook TRL's trainers override too).
+
+Distributed runs: every rank builds the same datasets itself instead of rank 0 building and the others reading a
+cache. Building is cheap (seconds for a million reviews, see the README's 性能 section), deterministic, needs no
+shared file system, no barrier and no cache invalidation when the data, tokenizer or flags change; each rank
+then holds only the compact arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import data_loader_movie_review as dl
+
+TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
+
+
+class PieceStore:
+    """Distinct text pieces -> token ids. Register with :meth:`add`, then :meth:`tokenize` once."""
+
+    def __init__(self) -> None:
+        self._index: dict[Hashable, int] = {}
+        # What to render for each new piece, kept as (function, argument) rather than the rendered text, so a
+        # million history lines are never all alive as strings at once: they are rendered batch by batch.
+        self._pending: list[tuple[Callable[[Any], str], Any]] = []
+        self.tokens = np.zeros(0, dtype=np.int32)
+        self.offsets = np.zeros(1, dtype=np.int64)
+
+    def add(self, key: Hashable, render: Callable[[Any], str], arg: Any) -> int:
+        """The id of the piece ``render(arg)``; ``key`` must identify that text (equal keys, equal text)."""
+        piece = self._index.get(key)
+        if piece is None:
+            piece = self._index[key] = len(self._pending)
+            self._pending.append((render, arg))
+        return piece
+
+    def tokenize(self, tokenizer, batch_size: int = TOKENIZE_BATCH) -> None:
+        """Tokenize every registered piece (without special tokens), in batches; then forget the texts."""
+        # One growing C array rather than chunks + np.concatenate: concatenating would briefly need the whole
+        # store twice (a large realloc is a remap on Linux, not a copy).
+        tokens, lengths = array("i"), array("q")
+        pending = self._pending
+        for start in tqdm(range(0, len(pending), batch_size), desc="tokenizing review pieces", unit="batch",
+                          disable=None if len(pending) > 50 * batch_size else True):
+            texts = [render(arg) for render, arg in pending[start:start + batch_size]]
+            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            lengths.extend(map(len, ids))
+            tokens.frombytes(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32).view(np.uint8))
+        self.tokens = np.frombuffer(tokens, dtype=np.int32) if len(tokens) else np.zeros(0, dtype=np.int32)
+        self.offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(lengths, dtype=np.int64), out=self.offsets[1:])
+        self._index, self._pending = {}, []
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self, piece: int) -> np.ndarray:
+        return self.tokens[self.offsets[piece]:self.offsets[piece + 1]]
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.offsets.nbytes
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+class ReviewTokens:
+    """The pieces of every review of the given users, for one prompt builder, tokenized once.
+
+    Reviews are numbered globally, user after user, each user's reviews in their (chronological) order: review
+    ``g`` of a sample is ``review_start[row] + position``. Arrays per review: ``item`` (history line, not last),
+    ``last`` (history line that ends the history block), ``request``, ``target`` piece ids; ``history_cumsum``
+    (``[g]`` = tokens of the non-last history lines of reviews ``0..g-1``). Per user row: ``header`` piece id.
+    ``titles[k]`` is the piece of "历史影评记录 (k条):".
+    """
+
+    def __init__(self, users: Sequence[dl.UserHistory], tokenizer, builder: dl.PromptBuilder):
+        self.builder = builder
+        self.row_of = {u.index: row for row, u in enumerate(users)}
+        store = self.store = PieceStore()
+        header, item, last, request, target = (array("i") for _ in range(5))
+        starts = array("q", [0])
+        max_reviews = 0
+        history = builder.use_history
+        for user in users:
+            text = builder.header(user)
+            header.append(store.add(("header", text), _identity, text))
+            for r in user.reviews:
+                target.append(store.add(("text", r.text), _identity, r.text))
+                request.append(store.add(("request", r.movie), builder.request, r.movie))
+                if history:
+                    item.append(store.add(("item", r.movie, r.text), _history_line, r))
+                    last.append(store.add(("last", r.movie, r.text), _last_history_line, r))
+            starts.append(starts[-1] + len(user.reviews))
+            max_reviews = max(max_reviews, len(user.reviews))
+        titles = array("i", [-1])  # no title for an empty history
+        if history:
+            titles.extend(store.add(("title", k), builder.history_title, k) for k in range(1, max_reviews))
+        store.tokenize(tokenizer)
+
+        def as_np(values: array) -> np.ndarray:
+            return np.frombuffer(values, dtype=np.int32) if len(values) else np.zeros(0, dtype=np.int32)
+
+        self.header, self.item, self.last = as_np(header), as_np(item), as_np(last)
+        self.request, self.target, self.titles = as_np(request), as_np(target), as_np(titles)
+        self.review_start = np.frombuffer(starts, dtype=np.int64)
+        lengths = store.lengths.astype(np.int32)
+        self.piece_lengths = lengths
+        self.history_cumsum = np.zeros(len(target) + 1, dtype=np.int64)
+        if history:
+            np.cumsum(lengths[self.item], out=self.history_cumsum[1:])
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the per-review / per-user / per-piece index arrays (everything but the token store)."""
+        arrays = (self.header, self.item, self.last, self.request, self.target, self.titles, self.review_start,
+                  self.piece_lengths, self.history_cumsum)
+        return sum(a.nbytes for a in arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes + self.index_nbytes
+
+
+def _history_line(review: dl.Review) -> str:
+    return dl.PromptBuilder.history_item(review, last=False)
+
+
+def _last_history_line(review: dl.Review) -> str:
+    return dl.PromptBuilder.history_item(review, last=True)
+
+
+class ReviewDataset(torch.utils.data.Dataset):
+    """One split's samples, each assembled when asked: ``{"input_ids": [...], "labels": [...]}``.
+
+    ``lengths[i]`` is the token count of sample ``i`` (prompt + target + EOS), known without assembling it.
+    :meth:`encoded` gives the eager path's :class:`~data_loader_movie_review.EncodedSample` for one sample.
+    """
+
+    def __init__(self, samples: list[dl.Sample], tokens: ReviewTokens, eos_token_id: int,
+                 max_length: int | None):
+        self.samples: list[dl.Sample] | None = samples  # None after release_texts()
+        self.tokens, self.eos, self.max_length = tokens, eos_token_id, max_length
+        rows = np.fromiter((tokens.row_of[s.user.index] for s in samples), dtype=np.int64, count=len(samples))
+        positions = np.fromiter((s.position for s in samples), dtype=np.int64, count=len(samples))
+        self.row = rows.astype(np.int32)  # user row of each sample (its header piece)
+        self.review = tokens.review_start[rows] + positions  # global review index of each target
+        self._plan(samples, rows, positions)
+
+    # -- planning: all samples at once ---------------------------------------------------------------------
+    def _plan(self, samples: list[dl.Sample], rows: np.ndarray, positions: np.ndarray) -> None:
+        t, g, lens = self.tokens, self.review, self.tokens.piece_lengths
+        base = lens[t.header[rows]].astype(np.int64) + lens[t.request[g]]
+        target = lens[t.target[g]].astype(np.int64)
+        if self.max_length is not None:
+            over = base + target + 1 > self.max_length
+            room = self.max_length - base - 1
+            too_small = np.nonzero(over & (room < 1))[0]
+            if len(too_small):
+                s = samples[too_small[0]]
+                raise dl.ReviewDataError(
+                    f"--max_length {self.max_length}", f"too small: the prompt without history already needs "
+                    f"{base[too_small[0]]} tokens for {s.target.movie!r}", s.user.index, s.user.name,
+                    s.target.record_index)
+            target = np.where(over, room, target)
+        n = positions if t.builder.use_history else np.zeros_like(positions)
+        count = n.copy()
+        if self.max_length is not None:
+            count = self._history_count(n, self.max_length - base - target - 1)
+        has = count > 0
+        prompt = base.copy()
+        k, gh = count[has], g[has]
+        prompt[has] += (lens[t.titles[k]] + lens[t.last[gh - 1]] + t.history_cumsum[gh - 1]
+                        - t.history_cumsum[gh - k])
+        self.history_count = count.astype(np.int32)
+        self.target_length = target.astype(np.int32)
+        self.prompt_length = prompt.astype(np.int32)
+        self.lengths = (prompt + target + 1).astype(np.int32)
+
+    def _history_count(self, n: np.ndarray, available: np.ndarray) -> np.ndarray:
+        """SampleTokenizer._history_count for every sample at once: the same binary search, elementwise."""
+        t, g, lens = self.tokens, self.review, self.tokens.piece_lengths
+        lo, hi = np.zeros_like(n), n.copy()
+        active = np.nonzero(lo < hi)[0]
+        while len(active):
+            a_lo, a_hi, a_g = lo[active], hi[active], g[active]
+            mid = (a_lo + a_hi + 1) // 2
+            cost = (lens[t.titles[mid]] + lens[t.last[a_g - 1]] + t.history_cumsum[a_g - 1]
+                    - t.history_cumsum[a_g - mid])
+            fits = cost <= available[active]
+            lo[active] = np.where(fits, mid, a_lo)
+            hi[active] = np.where(fits, a_hi, mid - 1)
+            active = active[lo[active] < hi[active]]
+        return lo
+
+    # -- assembling one sample -----------------------------------------------------------------------------
+    def _pieces(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Piece ids of sample ``i`` in prompt order (target last) and their lengths (target truncated)."""
+        t, g, k, row = self.tokens, int(self.review[i]), int(self.history_count[i]), int(self.row[i])
+        if k:
+            pieces = np.concatenate(([t.header[row], t.titles[k]], t.item[g - k:g - 1],
+                                     [t.last[g - 1], t.request[g], t.target[g]]))
+        else:
+            pieces = np.array([t.header[row], t.request[g], t.target[g]], dtype=np.int32)
+        lengths = t.piece_lengths[pieces].astype(np.int64)
+        lengths[-1] = self.target_length[i]
+        return pieces, lengths
+
+    def input_ids(self, i: int) -> list[int]:
+        pieces, lengths = self._pieces(i)
+        store = self.tokens.store
+        # All pieces in one gather: output position j reads tokens[start of its piece + j - piece's out start].
+        ends = np.cumsum(lengths)
+        index = np.arange(ends[-1]) + np.repeat(store.offsets[pieces] - (ends - lengths), lengths)
+        ids = store.tokens[index].tolist()
+        ids.append(self.eos)
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.review)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        i = i % len(self)
+        ids = self.input_ids(i)
+        prompt = int(self.prompt_length[i])
+        return {"input_ids": ids, "labels": [dl.IGNORE_INDEX] * prompt + ids[prompt:]}
+
+    def encoded(self, i: int) -> dl.EncodedSample:
+        """Sample ``i`` as the eager ``SampleTokenizer`` encodes it (equal in every field)."""
+        if self.samples is None:
+            raise RuntimeError("release_texts() dropped the samples: only input_ids / labels remain")
+        item = self[i]
+        i = i % len(self)
+        return dl.EncodedSample(self.samples[i], item["input_ids"], item["labels"], int(self.prompt_length[i]),
+                                int(self.history_count[i]), bool(self.truncated[i]), self.tokens.builder)
+
+    def encoded_samples(self) -> EncodedView:
+        return EncodedView(self)
+
+    def release_texts(self) -> None:
+        """Forget the Sample objects (and through them the review texts): training needs only the arrays."""
+        self.samples = None
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return self.target_length < self.tokens.piece_lengths[self.tokens.target[self.review]]
+
+    @property
+    def truncated_targets(self) -> int:
+        return int(self.truncated.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this split's own per-sample arrays (the shared :class:`ReviewTokens` not included)."""
+        return sum(a.nbytes for a in (self.row, self.review, self.history_count, self.target_length,
+                                      self.prompt_length, self.lengths))
+
+
+class EncodedView(Sequence):
+    """A split as a read-only sequence of EncodedSample, each assembled when read (nothing is kept)."""
+
+    def __init__(self, dataset: ReviewDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.dataset.encoded(j) for j in range(*i.indices(len(self)))]
+        return self.dataset.encoded(i)
+
+    def __iter__(self) -> Iterator[dl.EncodedSample]:
+        return (self.dataset.encoded(j) for j in range(len(self)))
+
+
+def build_datasets(splits: dict[str, list[dl.Sample]], tokenizer, max_length: int | None,
+                   builder: dl.PromptBuilder | None = None) -> dict[str, ReviewDataset]:
+    """One :class:`ReviewDataset` per split, sharing one :class:`ReviewTokens` of all users in the splits."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
+    builder = builder or dl.PromptBuilder()
+    users: dict[int, dl.UserHistory] = {}
+    for samples in splits.values():
+        for s in samples:
+            if s.user.index not in users:
+                users[s.user.index] = s.user
+    tokens = ReviewTokens(list(users.values()), tokenizer, builder)
+    return {name: ReviewDataset(samples, tokens, tokenizer.eos_token_id, max_length)
+            for name, samples in splits.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trainer: length grouping from dataset.lengths
+# ------------------------------------------------------------------------------------------------------------
+class DatasetLengthsMixin:
+    """Mix into a ``transformers.Trainer`` subclass: with ``train_sampling_strategy="group_by_length"`` and a
+    dataset that has ``lengths``, build Trainer's own ``LengthGroupedSampler`` (same batch size, same generator)
+    from those lengths instead of letting it assemble every sample to measure it. Anything else: unchanged."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=np.asarray(lengths).tolist())
+
+    def _get_eval_sampler(self, eval_dataset):
+        lengths = getattr(eval_dataset, "lengths", None)
+        if self.args.train_sampling_strategy != "group_by_length" or lengths is None:
+            return super()._get_eval_sampler(eval_dataset)
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(self.args.eval_batch_size, lengths=np.asarray(lengths).tolist(),
+                                    generator=torch.Generator().manual_seed(seed))
+
+
+def with_dataset_lengths(trainer_cls: type) -> type:
+    """``trainer_cls`` with :class:`DatasetLengthsMixin` in front (works for any Trainer subclass)."""
+    return type(f"{trainer_cls.__name__}WithDatasetLengths", (DatasetLengthsMixin, trainer_cls), {})
