@@ -85,13 +85,31 @@ def build_model(shape: str, tokenizer, max_length: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def select(encoded: list, how: str) -> list:
+def select(lengths, how: str) -> list[int]:
+    """Indices of the samples a case trains on: all, the first N, or the N longest."""
     if how == "all":
-        return encoded
+        return list(range(len(lengths)))
     kind, n = how.split(":")
     if kind == "first":
-        return encoded[:int(n)]
-    return sorted(encoded, key=lambda e: -len(e.input_ids))[:int(n)]  # "longest"
+        return list(range(min(int(n), len(lengths))))
+    return sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))[:int(n)]  # "longest"
+
+
+class SubsetWithLengths:
+    """Some samples of a review_dataset.ReviewDataset, keeping what the trainer reads (items, lengths)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+        self.lengths = dataset.lengths[indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+    def encoded_samples(self) -> list:
+        return [self.dataset.encoded(i) for i in self.indices]
 
 
 def rss_bytes() -> int:
@@ -115,17 +133,19 @@ def worker(spec: dict) -> dict:
     tokenizer = load_qwen_tokenizer()
     data, splits = tr.load_splits(args)
     prepared = tr.prepare_data(args, data, splits, tokenizer)
-    train = select(prepared.encoded["train"], case.samples)
+    train = SubsetWithLengths(prepared.datasets["train"], select(prepared.datasets["train"].lengths, case.samples))
     # Training only: no validation split (no evaluation inside train_runtime), no checkpoint saving.
-    prepared = dataclasses.replace(prepared, encoded={**prepared.encoded, "train": train, "val": []})
-    tokens = sum(len(e.input_ids) for e in train)
-    labelled = sum(sum(label != -100 for label in e.labels) - 1 for e in train)  # next-token targets
+    prepared = dataclasses.replace(prepared, datasets={
+        **prepared.datasets, "train": train, "val": SubsetWithLengths(prepared.datasets["val"], [])})
+    items = [train[i] for i in range(len(train))]
+    tokens = sum(len(item["input_ids"]) for item in items)
+    labelled = sum(sum(label != -100 for label in item["labels"]) - 1 for item in items)  # next-token targets
     model = build_model(case.shape, tokenizer, case.max_length)
-    plan = tr.detect_runtime(False)
+    plan = tr.detect_runtime(args)
     if config.startswith("ours"):
         trainer = tr.build_trainer(args, model, tokenizer, prepared, plan, "none")
     else:
-        trainer = trl_trainer(args, model, tokenizer, [e.as_features() for e in train], plan,
+        trainer = trl_trainer(args, model, tokenizer, items, plan,
                               padding_free=config == "trl-padfree")
     trainer.args.save_strategy = "no"
     if torch.cuda.is_available():
