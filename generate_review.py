@@ -156,27 +156,9 @@ def resolve_data_files(given: list[str] | None, run: RunSettings, model_dir: str
                      "training ran in, or pass --data_file PATH")
 
 
-def review_files(paths: list[str]) -> list[str]:
-    """Files to read: each file itself, each folder's ``*.json`` files in name order."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".json"))
-            if not found:
-                raise UsageError(f"{path}: folder holds no .json review files")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
 def load_users(paths: list[str]) -> list[dl.UserHistory]:
-    """Every user of every file, in order. Only the chosen user's reviews matter here, so the users of several
-    files are simply listed one after another (their per-file indices only appear in messages)."""
-    users = []
-    for path in review_files(paths):
-        users += dl.load_review_file(path).users
-    return users
+    """Every user of every file (folders expand to their ``*.json`` files), read by the trainer's own loader."""
+    return dl.load_review_data(paths).users
 
 
 def format_names(names: list[str], limit: int = LISTED_USERS) -> str:

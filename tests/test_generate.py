@@ -385,6 +385,7 @@ def _config_only_run(tmp_path: Path, trained_run: Path, data_file) -> Path:
     config = json.loads((trained_run / "training_config.json").read_text(encoding="utf-8"))
     config["arguments"]["data_file"] = data_file
     config["data"]["file"] = str(tmp_path / "moved.json")
+    config["data"]["files"] = [str(tmp_path / "moved.json")]
     (run / "training_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return run
 
