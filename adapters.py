@@ -15,12 +15,11 @@ optional import: only the QLoRA path touches it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError
+from run_utils import UsageError, importable
 
 FINETUNING_TYPES = ("full", "lora")
 # Defaults of the LoRA flags, kept here so that check_flags can tell a flag the user set from its default.
@@ -196,13 +195,8 @@ def resolve_lora_targets(model, lora_target: str | None) -> list[str]:
 # Loading, wrapping, counting
 # --------------------------------------------------------------------------------------------------------------
 def bitsandbytes_importable() -> bool:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return False
-    try:  # installed but built for another CUDA/torch: treat as absent
-        import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "cannot use it"
-        return False
-    return True
+    """bitsandbytes installed and working (its CUDA build loads)."""
+    return importable("bitsandbytes")
 
 
 def quantization_load_kwargs(plan: QuantizationPlan | None, local_rank: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError
+from run_utils import UsageError, importable
 
 PRECISIONS = ("auto", "bf16-mixed", "bf16-pure", "fp16-mixed", "fp32")
 ADAMW_TORCH = "adamw_torch"
@@ -116,6 +116,5 @@ def plan_precision(requested: str, cuda_available: bool, bf16_supported: bool, f
 
 
 def optimi_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("optimi") is not None
+    """torch-optimi (pure PyTorch) installed."""
+    return importable("optimi")

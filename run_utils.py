@@ -49,6 +49,21 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+def importable(module: str) -> bool:
+    """Can ``module`` be imported and used? An optional GPU package (flash_attn, bitsandbytes, deepspeed) that is
+    installed but built for another torch/CUDA fails at import: that counts as absent, not as a crash."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "cannot use it"
+        return False
+    return True
+
+
 def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -16,13 +16,12 @@ in-memory state dict.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError, write_atomic
+from run_utils import UsageError, importable, write_atomic
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 SHIPPED_DEEPSPEED_CONFIGS = {2: os.path.join(CONFIG_DIR, "deepspeed_zero2.json"),
@@ -53,13 +52,8 @@ class ShardingPlan:
 
 
 def deepspeed_importable() -> bool:
-    if importlib.util.find_spec("deepspeed") is None:
-        return False
-    try:  # deepspeed imports torch extensions at import time; a broken build means "cannot use it"
-        import deepspeed  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
+    """deepspeed installed and working (it loads torch extensions at import)."""
+    return importable("deepspeed")
 
 
 def load_deepspeed_config(path: str) -> dict[str, Any]:

@@ -36,7 +36,15 @@ import data_loader_movie_review as dl
 import fault_tolerance as ft
 import sharding
 from precision import PRECISIONS, PrecisionPlan, optimi_importable, plan_precision
-from run_utils import UsageError, library_versions, pyplot, write_atomic, write_json_atomic, write_text_atomic
+from run_utils import (
+    UsageError,
+    importable,
+    library_versions,
+    pyplot,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:  # review_dataset imports torch: loaded only once the data has been validated
     import review_dataset as rd
@@ -167,13 +175,8 @@ def choose_attention(disable_flash_attn: bool, flash_attn_importable: bool, cuda
 
 
 def flash_attn_importable() -> bool:
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:  # installed but built against another torch/CUDA: treat as absent
-        import flash_attn  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "cannot use it"
-        return False
-    return True
+    """flash_attn installed and built for this torch/CUDA."""
+    return importable("flash_attn")
 
 
 @dataclass(frozen=True)
