@@ -168,6 +168,47 @@ def restart_count(environ: Mapping[str, str]) -> int:
         return 0
 
 
+def restart_store_prefix(environ: Mapping[str, str]) -> str | None:
+    """The store prefix that keeps a restarted worker group's rendezvous apart from the dead one's, or None.
+
+    torchrun shares its rendezvous TCP store with the workers and keeps it across restarts, so the keys the
+    previous attempt's process group wrote (each rank's address) are still there. A restarted rank can read a dead
+    peer's address and fail with "Gloo connectFullMesh failed ... Connection refused" (NCCL: refused connections,
+    then a hang) - pytorch/pytorch#167288; it failed 3 runs in 5 of tests/test_fault_tolerance.py's restart test.
+    Only a distributed restart (restart count > 0, world size > 1) needs it.
+    """
+    world_size = int(environ.get("WORLD_SIZE", "1") or 1)
+    restarts = restart_count(environ)
+    return f"movie_review/restart_{restarts}" if restarts and world_size > 1 else None
+
+
+def isolate_restarted_process_group(environ: Mapping[str, str]) -> str | None:
+    """Initialise the default process group of a restarted worker group on a store prefixed by its restart count.
+
+    Done before TrainingArguments: accelerate reuses an initialised default group (``if not
+    torch.distributed.is_initialized()``). Same store as torch's env:// rendezvous would make (agent store: every
+    rank a client; otherwise rank 0 hosts it), same default backend choice (gloo for CPU tensors, NCCL for CUDA).
+    Returns the prefix used, or None when nothing was needed.
+    """
+    prefix = restart_store_prefix(environ)
+    if prefix is None:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return None
+    rank, world_size = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+    agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    timeout = timedelta(minutes=30)  # torch's default process-group timeout
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
+    dist.init_process_group(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+    return prefix
+
+
 @dataclass(frozen=True)
 class StartPlan:
     """``check``: a first start, judged by the train script's check_output_dir as before. ``resume``: an elastic

@@ -533,6 +533,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
     report_to, report_msg = configure_reporting(args.report_to, os.environ,
                                                 importlib.util.find_spec("wandb") is not None)
     plan = detect_runtime(args)  # flag/hardware conflicts are refused here, before data or model load
+    ft.isolate_restarted_process_group(os.environ)  # a torchrun restart must not meet the dead group's store keys
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
     data, splits = load_splits(args)
     ft.checkpoint_schedule(args.save_steps, args.eval_steps, bool(splits["val"]))  # refuse bad steps before loading

@@ -123,6 +123,17 @@ def test_restart_count_from_torchrun_environment():
     assert ft.restart_count({"TORCHELASTIC_RESTART_COUNT": "x"}) == 0
 
 
+def test_only_a_distributed_restart_gets_its_own_store_prefix():
+    """A restarted group must not read the dead group's rank addresses from torchrun's shared store."""
+    assert ft.restart_store_prefix({}) is None
+    assert ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "0", "WORLD_SIZE": "2"}) is None
+    assert ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "1"}) is None
+    first = ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "1", "WORLD_SIZE": "2"})
+    second = ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "2"})
+    assert first and second and first != second
+    assert ft.isolate_restarted_process_group({"WORLD_SIZE": "2"}) is None  # first start: torch's own rendezvous
+
+
 @pytest.mark.parametrize(
     ("state", "resume", "overwrite", "restarts", "expected"),
     [
