@@ -587,7 +587,8 @@ def train(args: argparse.Namespace, rank: int) -> int:
                 "reviews": prepared.data.num_reviews, "splits": dl.split_summary(prepared.splits),
             },
             "result": outcome,
-            "versions": library_versions(("torch", "transformers", "accelerate", "wandb", "flash-attn", "torch-optimi")),
+            "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
+                                          "torch-optimi", "bitsandbytes", "deepspeed")),
         }
         write_json_atomic(os.path.join(args.output_dir, FINISHED_MARKER), config)
         log_end_summary(args, outcome)
