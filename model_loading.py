@@ -3,8 +3,9 @@
 The trainer writes one of two kinds of model into its output directory:
 
 * a **full model**: ``config.json`` + ``pytorch_model.bin`` or ``model.safetensors`` (or a sharded index), the
-  tokenizer files beside them. A LoRA run with ``--merge_lora`` writes the merged model this way too, next to
-  its adapter; the merged model is then preferred, since it needs neither peft nor the base model.
+  tokenizer files beside them. A LoRA run with ``--merge_lora`` writes its merged model this way, into the
+  run's ``merged/`` folder. A folder holding full weights and an adapter is read as the full model (it needs
+  neither peft nor the base model).
 * a **LoRA adapter**: ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's ``save_pretrained``) and
   the tokenizer files. ``adapter_config.json`` names the base model (``base_model_name_or_path``, as the user
   passed it to the trainer): a local folder (a relative path is taken from the current directory, where training
