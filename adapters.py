@@ -27,8 +27,10 @@ LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"  # --merge_lora output, beside the adapter (see save_merged_model for why not on top of it)
-# What a LoRA run adds to the output folder (peft also writes a model card, README.md).
-ADAPTER_ARTIFACTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", MERGED_DIR)
+# What a LoRA run adds to the output folder. peft also writes a model card, README.md: removed on overwrite only
+# beside an adapter_config.json (a README.md of the user's own is never ours to delete).
+ADAPTER_ARTIFACTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR)
+ADAPTER_MODEL_CARD = "README.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

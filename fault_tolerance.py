@@ -122,21 +122,48 @@ def checkpoint_problem(folder: str) -> str | None:
         return f"{TRAINER_STATE} says step {step}"
     if problem := _weights_problem(folder, names):
         return problem
-    optimizer = [n for n in names if n in ("optimizer.pt", "optimizer.bin") or n.endswith("-optimizer.pt")
-                 or n.startswith("optimizer_")]  # plain, per-rank and FSDP sharded optimizer states
-    if not optimizer:
-        return "no optimizer.pt"
-    if "scheduler.pt" not in names:
-        return "no scheduler.pt"
+    if DEEPSPEED_LATEST in names:  # DeepSpeed keeps optimizer (and its scheduler) states in its own folder
+        optimizer, problem = _deepspeed_states(folder)
+        if problem:
+            return problem
+    else:
+        optimizer = [n for n in names if n in ("optimizer.pt", "optimizer.bin") or n.endswith("-optimizer.pt")
+                     or n.startswith("optimizer_")]  # plain, per-rank and FSDP sharded optimizer states
+        if not optimizer:
+            return "no optimizer.pt"
+        if "scheduler.pt" not in names:
+            return "no scheduler.pt"
     # Rank 0's RNG file precedes trainer_state.json; other ranks' may lag behind it (no barrier in between), so
     # require one and check that every one present is whole (a torn file would crash torch.load on resume).
     rng = sorted(n for n in names if re.match(r"^rng_state(_\d+)?\.pth$", n))
     if not rng:
         return "no rng_state*.pth"
-    for name in [*optimizer, "scheduler.pt", *rng]:
+    for name in [*optimizer, *(["scheduler.pt"] if "scheduler.pt" in names else []), *rng]:
         if problem := _file_problem(os.path.join(folder, name)):
             return problem
     return None
+
+
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's save_checkpoint: names the global_stepN folder holding the states
+
+
+def _deepspeed_states(folder: str) -> tuple[list[str], str | None]:
+    """The optimizer/model state files of a DeepSpeed checkpoint (relative to ``folder``), or what is missing.
+
+    Under ``--deepspeed`` Trainer writes no optimizer.pt: ``engine.save_checkpoint`` writes ``latest`` and a
+    ``global_stepN/`` folder with ``*_optim_states.pt`` (one per rank) and ``*_model_states.pt``.
+    """
+    try:
+        with open(os.path.join(folder, DEEPSPEED_LATEST), encoding="utf-8") as f:
+            tag = f.read().strip()
+        states = os.listdir(os.path.join(folder, tag))
+    except OSError:
+        return [], "DeepSpeed 'latest' names no readable state folder"
+    optim = sorted(os.path.join(tag, n) for n in states if n.endswith("optim_states.pt"))
+    model = sorted(os.path.join(tag, n) for n in states if n.endswith("model_states.pt"))
+    if not optim or not model:
+        return [], f"no DeepSpeed {'optimizer' if not optim else 'model'} states in {tag}/"
+    return optim + model, None
 
 
 def checkpoints_newest_first(output_dir: str) -> list[str]:

@@ -289,9 +289,13 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> No
 def remove_previous_run(output_dir: str) -> list[str]:
     """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed."""
     removed = []
-    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    ours = set(RUN_ARTIFACTS)
+    if adapters.ADAPTER_CONFIG in names:  # peft's model card sits beside the adapter it describes
+        ours.add(adapters.ADAPTER_MODEL_CARD)
+    for name in names:
         path = os.path.join(output_dir, name)
-        if name in RUN_ARTIFACTS or _CHECKPOINT_RE.match(name):
+        if name in ours or _CHECKPOINT_RE.match(name):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(name)
     return removed
@@ -399,10 +403,6 @@ def epoch_losses(log_history: list[dict[str, Any]]) -> tuple[dict[int, float], d
         if "eval_loss" in entry:
             evaluation[epoch] = entry["eval_loss"]
     return train, evaluation
-
-
-def best_epoch(eval_losses: dict[int, float]) -> int | None:
-    return min(eval_losses, key=lambda e: (eval_losses[e], e)) if eval_losses else None
 
 
 def loss_points(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
@@ -627,7 +627,8 @@ def plan_scaling(args, resume: str | None) -> tuple[adapters.QuantizationPlan | 
         import torch
 
         cuda = torch.cuda.is_available()
-        bf16 = cuda and torch.cuda.is_bf16_supported()
+        # QLoRA's 4-bit matmuls compute in the run's half precision: bf16 unless fp16-mixed was asked for.
+        bf16 = cuda and torch.cuda.is_bf16_supported() and args.precision != "fp16-mixed"
     ds_config = sharding.load_deepspeed_config(args.deepspeed) if args.deepspeed else None
     shard_plan = sharding.plan_sharding(args.fsdp, args.deepspeed, ds_config, args.quantization_bit, cuda,
                                         bool(args.deepspeed) and sharding.deepspeed_importable())

@@ -369,3 +369,17 @@ def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny
     assert after["train_loss_per_epoch"]["1"] == before["train_loss_per_epoch"]["1"]  # restored, not retrained
     assert after["eval_loss_per_epoch"]["1"] == before["eval_loss_per_epoch"]["1"]
     assert same(adapter_weights(out), adapter_weights(Path(after["best_checkpoint"])))
+
+
+@pytest.mark.parametrize(("precision", "compute"), [("auto", "bfloat16"), ("fp16-mixed", "float16")])
+def test_qlora_computes_in_the_runs_half_precision(monkeypatch, precision, compute):
+    """On a bf16 GPU, --precision fp16-mixed must not leave bitsandbytes computing in bf16 (and auto stays bf16)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(adapters, "bitsandbytes_importable", lambda: True)
+    args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out", "--finetuning_type", "lora",
+                          "--quantization_bit", "4", "--precision", precision])
+    quantization, _ = tr.plan_scaling(args, None)
+    assert quantization.bnb_kwargs()["bnb_4bit_compute_dtype"] == compute

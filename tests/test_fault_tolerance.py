@@ -64,6 +64,35 @@ def test_complete_checkpoint_has_no_problem(tmp_path):
     assert ft.checkpoint_problem(str(ddp)) is None
 
 
+def deepspeed_checkpoint(folder: Path, step: int) -> Path:
+    """A checkpoint as Trainer writes it under --deepspeed: no optimizer.pt, DeepSpeed's global_stepN/ instead."""
+    import torch
+
+    make_checkpoint(folder, step)
+    (folder / "optimizer.pt").unlink()
+    (folder / "scheduler.pt").unlink()
+    states = folder / f"global_step{step}"
+    states.mkdir()
+    for rank in (0, 1):
+        torch.save({"optimizer_state_dict": {}}, states / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    torch.save({"module": {}}, states / "mp_rank_00_model_states.pt")
+    (folder / "latest").write_text(f"global_step{step}")
+    return folder
+
+
+def test_deepspeed_checkpoint_is_complete_with_its_own_state_folder(tmp_path):
+    complete = deepspeed_checkpoint(tmp_path / "checkpoint-4", 4)
+    assert ft.checkpoint_problem(str(complete)) is None
+    truncate(complete / "global_step4" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert "is truncated" in ft.checkpoint_problem(str(complete))
+    missing = deepspeed_checkpoint(tmp_path / "checkpoint-6", 6)
+    (missing / "global_step6" / "mp_rank_00_model_states.pt").unlink()
+    assert ft.checkpoint_problem(str(missing)) == "no DeepSpeed model states in global_step6/"
+    dangling = deepspeed_checkpoint(tmp_path / "checkpoint-8", 8)
+    (dangling / "latest").write_text("global_step9")
+    assert "names no readable state folder" in ft.checkpoint_problem(str(dangling))
+
+
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [

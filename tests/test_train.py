@@ -265,7 +265,7 @@ def test_optimizer_steps_per_epoch_counts_partial_accumulation():
     assert tr.optimizer_steps_per_epoch(28, batch_size=1, world_size=1, accumulation=1) == 28
 
 
-def test_epoch_losses_and_best_epoch_from_log_history():
+def test_epoch_losses_from_log_history():
     history = [
         {"loss": 3.0, "epoch": 1.0}, {"eval_loss": 2.5, "epoch": 1.0},
         {"loss": 2.0, "epoch": 2.0}, {"eval_loss": 2.2, "epoch": 2.0},
@@ -275,8 +275,6 @@ def test_epoch_losses_and_best_epoch_from_log_history():
     train, evaluation = tr.epoch_losses(history)
     assert train == {1: 3.0, 2: 2.0, 3: 1.0}
     assert evaluation == {1: 2.5, 2: 2.2, 3: 2.4}
-    assert tr.best_epoch(evaluation) == 2
-    assert tr.best_epoch({}) is None
 
 
 def test_output_dir_guard(tmp_path):
@@ -304,9 +302,19 @@ def test_overwrite_removes_only_run_files(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / "checkpoint-7").mkdir()
     (tmp_path / "my-checkpoint-notes").mkdir()
+    (tmp_path / "README.md").write_text("my own notes")
     removed = tr.remove_previous_run(str(tmp_path))
     assert removed == ["checkpoint-7", "loss_curve.png", "pytorch_model.bin", "training_config.json"]
-    assert sorted(os.listdir(tmp_path)) == ["my-checkpoint-notes", "notes.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "my-checkpoint-notes", "notes.txt"]
+
+
+def test_overwrite_of_a_lora_run_removes_peft_model_card_too(tmp_path):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "merged").mkdir()
+    removed = tr.remove_previous_run(str(tmp_path))
+    assert removed == ["README.md", "adapter_config.json", "adapter_model.safetensors", "merged"]
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------------------------------------------
