@@ -19,13 +19,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError, importable
+from run_utils import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHT_FILES,
+    WEIGHT_FILES,
+    WEIGHT_INDEXES,
+    UsageError,
+    importable,
+)
 
 FINETUNING_TYPES = ("full", "lora")
 # Defaults of the LoRA flags, kept here so that check_flags can tell a flag the user set from its default.
 LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": None}
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = ADAPTER_WEIGHT_FILES[0]  # what peft's save_pretrained writes
 MERGED_DIR = "merged"  # --merge_lora output, beside the adapter (see save_merged_model for why not on top of it)
 # What a LoRA run adds to the output folder. peft also writes a model card, README.md: removed on overwrite only
 # beside an adapter_config.json (a README.md of the user's own is never ours to delete).
@@ -121,7 +127,7 @@ def checkpoint_kind(checkpoint_dir: str) -> str | None:
     names = set(os.listdir(checkpoint_dir))
     if ADAPTER_CONFIG in names:
         return "lora"
-    if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"} or any(
+    if names & {*WEIGHT_FILES, *WEIGHT_INDEXES} or any(
             n.startswith("pytorch_model_fsdp") for n in names):
         return "full"
     return None

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError, write_text_atomic
+from run_utils import ADAPTER_WEIGHT_FILES, WEIGHT_FILES, WEIGHT_INDEXES, UsageError, write_text_atomic
 
 logger = logging.getLogger("movie_review")
 
@@ -39,8 +39,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence means rank 0 finished the save
 WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
 # Weight files of a full model, an adapter (LoRA) or an FSDP sharded state, in Trainer's naming.
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHTS = (*WEIGHT_FILES, *ADAPTER_WEIGHT_FILES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def _file_problem(path: str) -> str | None:
 
 
 def _weights_problem(folder: str, names: set[str]) -> str | None:
-    for index in _WEIGHT_INDEXES:
+    for index in WEIGHT_INDEXES:
         if index in names:  # sharded weights: every shard the index names must be there and whole
             try:
                 with open(os.path.join(folder, index), encoding="utf-8") as f:

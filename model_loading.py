@@ -31,12 +31,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError
+from run_utils import ADAPTER_CONFIG, WEIGHT_FILES, WEIGHT_INDEXES, UsageError
 
-ADAPTER_CONFIG = "adapter_config.json"
 # Full weights as transformers writes (or reads) them; the index files mark sharded checkpoints.
-FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                     "pytorch_model.bin.index.json")
+FULL_WEIGHT_FILES = (*WEIGHT_FILES, *WEIGHT_INDEXES)
 KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
 
 

@@ -18,6 +18,14 @@ _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuan
               "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Arial Unicode MS")
 
 
+# What a model folder holds, as transformers and peft write it (one list for the trainer, checkpoint checks and
+# the inference loader).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded weights
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 class UsageError(Exception):
     """A user error: reported as one line ``error: <message>`` on stderr, exit code 2, no traceback."""
 

@@ -23,7 +23,7 @@ from test_train import (
     read_config,
     run_train,
     tiny_model,  # noqa: F401 - module-scoped fixture reused here
-    write_reviews,
+    write_drift_reviews,
 )
 
 import adapters
@@ -245,7 +245,7 @@ def test_qlora_without_a_gpu_is_one_line_from_the_command_line(tmp_path, tiny_mo
 def lora_run(tmp_path_factory, tiny_model) -> Path:  # noqa: F811
     """Train one phrase, validate on another (validation loss turns up soon), merge the adapter at the end."""
     tmp = tmp_path_factory.mktemp("lora")
-    data = write_reviews(tmp / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+    data = write_drift_reviews(tmp)
     out = tmp / "run"
     proc = run_train("--data_file", data, "--output_dir", str(out), "--model_path", tiny_model, "--no_history",
                      "--max_epochs", "20", "--batch_size", "4", "--gradient_accumulation_steps", "1",

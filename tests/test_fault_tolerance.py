@@ -26,7 +26,7 @@ from test_train import (
     read_config,
     run_train,
     state_dict,
-    write_reviews,
+    write_drift_reviews,
 )
 
 import fault_tolerance as ft
@@ -467,7 +467,7 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_a_resume_completes(tmp_
 
 @pytest.mark.slow
 def test_step_based_evaluation_early_stops_and_keeps_the_best_model(tmp_path, tiny):
-    data = write_reviews(tmp_path / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+    data = write_drift_reviews(tmp_path)
     out = tmp_path / "run"
     proc = run_train("--data_file", data, "--output_dir", str(out), "--model_path", tiny, "--no_history",
                      "--max_epochs", "20", "--batch_size", "4", "--gradient_accumulation_steps", "1",

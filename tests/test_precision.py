@@ -24,7 +24,7 @@ from tests.test_train import (
     read_config,
     run_train,
     state_dict,
-    write_reviews,
+    write_drift_reviews,
 )
 
 LR = 1e-5
@@ -202,8 +202,7 @@ def tiny_model(tmp_path_factory) -> str:
 def test_precision_run_trains_early_stops_resumes_and_evaluates(tmp_path, tiny_model, mode, dtype, optimizer):
     import torch
 
-    # Train on one phrase, validate on another: the validation loss soon stops improving.
-    data = write_reviews(tmp_path / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+    data = write_drift_reviews(tmp_path)
     out = tmp_path / "run"
     common = ["--data_file", data, "--output_dir", str(out), "--model_path", tiny_model, "--no_history",
               "--batch_size", "4", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2",

@@ -57,6 +57,11 @@ def write_reviews(path: Path, texts: list[str], name: str = "toy") -> str:
     return str(path)
 
 
+def write_drift_reviews(folder: Path) -> str:
+    """Train on one phrase, validate on another: the validation loss soon stops improving (early stopping)."""
+    return write_reviews(folder / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+
+
 def read_config(out: Path) -> dict:
     return json.loads((out / "training_config.json").read_text(encoding="utf-8"))
 
@@ -471,8 +476,7 @@ def test_training_lowers_the_loss_on_a_learnable_set(tmp_path, tiny_model):
 
 
 def test_early_stopping_stops_and_keeps_the_best_model(tmp_path, tiny_model):
-    # Train on one phrase, validate on another: the validation loss soon stops improving.
-    data = write_reviews(tmp_path / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+    data = write_drift_reviews(tmp_path)
     out = tmp_path / "run"
     proc = run_train("--data_file", data, "--output_dir", str(out), "--model_path", tiny_model, "--no_history",
                      "--max_epochs", "20", "--batch_size", "4", "--gradient_accumulation_steps", "1",
