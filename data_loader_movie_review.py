@@ -1,7 +1,9 @@
 """Douban movie-review histories: load, validate, split chronologically, build the history prompt.
 
-This module is the single source of truth for the model's input. Training (``train_distributed_MovieReview.py``),
-its preview file and evaluation (``evaluate_movie_review.py``) all take prompts and token ids from here.
+This module is the single source of truth for the model's input: every prompt text and every file format of
+a sample (``sample_record`` for test_samples.json, ``preview_text``) is built here. Training
+(``train_distributed_MovieReview.py``), evaluation and generation take their prompts from here; the token ids
+are assembled from this module's prompt pieces by ``review_lm.dataset``.
 
 Pipeline::
 
@@ -9,7 +11,7 @@ Pipeline::
     splits = split_chronologically(data, 0.7, 0.15, 0.15)  # per user: oldest -> train, then val, newest -> test
     builder = PromptBuilder(use_profile=True, use_history=True)
     builder.render(sample)                             # prompt text, exactly the spec's "模型输入格式"
-    SampleTokenizer(tokenizer, max_length, builder).encode_split(splits["train"])  # input_ids / labels
+    review_lm.dataset.build_datasets(splits, tokenizer, max_length, builder)  # input_ids / labels (torch)
 
 Several files and/or directories of ``.json`` files load as one data set with :func:`load_review_data`
 (users numbered globally, so users from different files stay distinct; errors still name the file).
@@ -24,7 +26,6 @@ name), the record index and what is wrong.
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import re
@@ -417,152 +418,7 @@ class PromptBuilder:
         return history
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Token ids for training
-# --------------------------------------------------------------------------------------------------------------
-@dataclass
-class EncodedSample:
-    sample: Sample
-    input_ids: list[int]
-    labels: list[int]
-    prompt_length: int  # tokens before the target
-    history_count: int  # history items kept in the prompt
-    target_truncated: bool
-    builder: PromptBuilder = field(default=PromptBuilder(), repr=False)  # the builder the ids came from
-
-    @property
-    def prompt(self) -> str:
-        """The rendered prompt these ids came from (same history items)."""
-        return self.builder.render(self.sample, self.history_count)
-
-    def as_features(self) -> dict[str, list[int]]:
-        return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
-
-
-class SampleTokenizer:
-    """Turns samples into ``input_ids`` / ``labels`` under a token budget.
-
-    ``input_ids = prompt + target + [EOS]``; ``labels`` are -100 on the prompt and equal to the ids on the
-    target and EOS. Labels come from spans, never from masking pad ids, so EOS stays labelled when the pad id
-    equals the EOS id (Qwen2.5 base).
-
-    Budget: the most recent history items that fit in ``max_length`` are kept ("(N条)" shows how many);
-    the target is never dropped, only truncated if it alone does not fit.
-
-    Cost: each review is tokenized once (plus once more as the last history item, whose piece carries the
-    blank line) and every user's samples are assembled from those cached pieces. Re-tokenizing the rendered
-    prompt for each sample would cost O(n^2) tokenizer work per user, since a user's n-th sample repeats all
-    n-1 earlier reviews; users with thousands of reviews are normal. Prefix sums over the piece lengths find
-    how many history items fit with one binary search per sample. Because piece boundaries sit just after a
-    newline (see ``PromptBuilder``), the assembled ids equal ``tokenizer(prompt)`` for BPE tokenizers with
-    GPT-2/Qwen-style pre-tokenisation; the tests check this on the example data with the real Qwen vocabulary.
-    """
-
-    def __init__(self, tokenizer, max_length: int | None, builder: PromptBuilder = PromptBuilder()):
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
-        self.tokenizer, self.max_length, self.builder = tokenizer, max_length, builder
-        self._cache: dict[str, list[int]] = {}
-        self.truncated_targets = 0
-
-    def _ids(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
-        if ids is None:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            self._cache[text] = ids
-        return ids
-
-    def encode_split(self, samples: list[Sample]) -> list[EncodedSample]:
-        by_user: dict[int, list[Sample]] = {}
-        for s in samples:
-            by_user.setdefault(s.user.index, []).append(s)
-        encoded: dict[tuple[int, int], EncodedSample] = {}
-        for user_samples in by_user.values():
-            for enc in self._encode_user(user_samples):
-                encoded[(enc.sample.user.index, enc.sample.position)] = enc
-        return [encoded[(s.user.index, s.position)] for s in samples]
-
-    def encode(self, sample: Sample) -> EncodedSample:
-        return self.encode_split([sample])[0]
-
-    def count_text_mismatches(self, encoded: list[EncodedSample], limit: int = 32) -> int:
-        """How many of the first ``limit`` samples' prompt ids differ from ``tokenizer(prompt)``.
-
-        Zero for Qwen-style BPE tokenizers; a tokenizer whose pre-tokenisation crosses newlines may differ, and
-        then generation from the prompt *text* (evaluation) sees slightly different ids than training did.
-        """
-        return sum(
-            self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] != e.input_ids[: e.prompt_length]
-            for e in encoded[:limit]
-        )
-
-    def _encode_user(self, samples: list[Sample]) -> list[EncodedSample]:
-        user = samples[0].user
-        reviews = user.reviews
-        # Lengths of each review as a non-last history item, prefix-summed once per user.
-        lengths = [0]
-        if self.builder.use_history:
-            upto = max(s.position for s in samples)
-            for r in reviews[:upto]:
-                lengths.append(lengths[-1] + len(self._ids(self.builder.history_item(r, last=False))))
-        header = self._ids(self.builder.header(user))
-        out = []
-        for s in samples:
-            out.append(self._encode_one(s, header, lengths))
-        return out
-
-    def _encode_one(self, s: Sample, header: list[int], lengths: list[int]) -> EncodedSample:
-        eos = self.tokenizer.eos_token_id
-        request = self._ids(self.builder.request(s.target.movie))
-        target = self._ids(s.target.text)
-        base = len(header) + len(request)
-        truncated = False
-        if self.max_length is not None and base + len(target) + 1 > self.max_length:
-            room = self.max_length - base - 1
-            if room < 1:
-                raise ReviewDataError(
-                    f"--max_length {self.max_length}", f"too small: the prompt without history already needs "
-                    f"{base} tokens for {s.target.movie!r}", s.user.index, s.user.name, s.target.record_index)
-            target, truncated = target[:room], True
-            self.truncated_targets += 1
-        available = None if self.max_length is None else self.max_length - base - len(target) - 1
-        count = self._history_count(s, lengths, available)
-        ids = list(header)
-        if count:
-            ids += self._ids(self.builder.history_title(count))
-            first = s.position - count
-            for j in range(first, s.position):
-                ids += self._ids(self.builder.history_item(s.user.reviews[j], last=j == s.position - 1))
-        ids += request
-        prompt_length = len(ids)
-        ids += target + [eos]
-        labels = [IGNORE_INDEX] * prompt_length + target + [eos]
-        return EncodedSample(s, ids, labels, prompt_length, count, truncated, self.builder)
-
-    def _history_count(self, s: Sample, lengths: list[int], available: int | None) -> int:
-        """How many of the most recent history items fit in ``available`` tokens."""
-        n = s.position if self.builder.use_history else 0
-        if n == 0 or available is None:
-            return n
-        last = s.user.reviews[n - 1]
-        last_len = len(self._ids(self.builder.history_item(last, last=True)))
-
-        def cost(k: int) -> int:  # tokens for the k most recent items, title included
-            return (len(self._ids(self.builder.history_title(k))) + last_len
-                    + lengths[n - 1] - lengths[n - k])
-
-        # cost(k) grows with k, so binary search for the largest k that fits.
-        lo, hi = 0, n
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if cost(mid) <= available:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-
-def sample_record(enc: EncodedSample) -> dict[str, Any]:
+def sample_record(enc) -> dict[str, Any]:
     """The JSON form of an encoded sample, as written to ``test_samples.json`` and read by evaluation.
 
     ``prompt`` is exactly the text whose tokens the model saw (``tokenizer(prompt, add_special_tokens=False)``
@@ -586,6 +442,21 @@ def sample_record(enc: EncodedSample) -> dict[str, Any]:
     }
 
 
+def preview_text(encoded: Sequence, total: int) -> str:
+    """training_samples_preview.txt: the first encoded training samples as the model sees them."""
+    blocks = []
+    for i, enc in enumerate(encoded, 1):
+        s = enc.sample
+        target_tokens = len(enc.input_ids) - enc.prompt_length
+        blocks.append(
+            f"===== 训练样本 {i}/{total}: {s.user.name} · {s.target.movie} · {s.target.timestamp} =====\n"
+            f"tokens: prompt {enc.prompt_length} + target {target_tokens} (含 EOS) = {len(enc.input_ids)}"
+            f"; 历史 {enc.history_count}/{len(s.history)} 条" + ("; target 已截断" if enc.target_truncated else "")
+            + f"\n----- 输入 (prompt) -----\n{enc.prompt}----- 输出 (target, 计算 loss) -----\n{s.target.text}\n"
+        )
+    return "\n".join(blocks)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A review of a new film (generate_review.py): the same prompt as training, after the user's whole history
 # --------------------------------------------------------------------------------------------------------------
@@ -604,166 +475,9 @@ def new_review_sample(user: UserHistory, movie: str) -> Sample:
     return Sample(replace(user, reviews=[*user.reviews, placeholder]), len(user.reviews), NEW_REVIEW_SPLIT)
 
 
-def encode_new_review(tokenizer, user: UserHistory, movie: str, builder: PromptBuilder, max_length: int | None,
-                      max_new_tokens: int) -> EncodedSample:
-    """Prompt text and ids for a new review of ``movie``: ``enc.prompt`` and ``enc.input_ids[:enc.prompt_length]``.
-
-    Budget: prompt + ``max_new_tokens`` <= ``max_length`` (the run's --max_length with room kept for the
-    review), the most recent history that fits is kept, exactly as in training. SampleTokenizer's budget holds
-    prompt + target + EOS; with an empty target, a budget of ``max_length - max_new_tokens + 1`` leaves the
-    prompt ``max_length - max_new_tokens`` tokens. ``max_length=None``: the whole history.
-    """
-    budget = None if max_length is None else max_length - max_new_tokens + 1
-    try:
-        return SampleTokenizer(tokenizer, budget, builder).encode(new_review_sample(user, movie))
-    except ReviewDataError:  # SampleTokenizer's message would name the reduced budget: say it in the user's terms
-        raise ReviewDataError(f"--max_length {max_length}", f"leaves no room for the prompt for {movie!r} (even "
-                              f"without history) plus --max_new_tokens {max_new_tokens}",
-                              user.index, user.name) from None
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Report (CLI)
+# Report (CLI; its layout lives in review_lm.data_report)
 # --------------------------------------------------------------------------------------------------------------
-def _time_range(samples: list[Sample]) -> list[str] | None:
-    """Earliest and latest target timestamp, as a stable sort by time would give them: among equal times the
-    first sample is the earliest and the last one the latest. Two linear scans instead of a sort."""
-    if not samples:
-        return None
-    first = min(samples, key=lambda s: s.target.time)
-    last = max(reversed(samples), key=lambda s: s.target.time)
-    return [first.target.timestamp, last.target.timestamp]
-
-
-def split_summary(samples_by_split: dict[str, list[Sample]]) -> dict[str, Any]:
-    return {name: {"samples": len(ss), "time_range": _time_range(ss)} for name, ss in samples_by_split.items()}
-
-
-REPORT_USERS_LISTED = 20  # the text report lists every user up to this many, then summarises (--json keeps all)
-REPORT_EXTREMES = 5  # users shown with the most / fewest reviews
-
-
-def _samples_by_user(splits: dict[str, list[Sample]]) -> dict[int, dict[str, list[Sample]]]:
-    """One pass over all samples (not one per user): user index -> split -> that user's samples."""
-    by_user: dict[int, dict[str, list[Sample]]] = {}
-    for name, samples in splits.items():
-        for s in samples:
-            mine = by_user.get(s.user.index)
-            if mine is None:
-                mine = by_user[s.user.index] = {n: [] for n in splits}
-            mine[name].append(s)
-    return by_user
-
-
-def _user_brief(user: UserHistory) -> dict[str, Any]:
-    return {"index": user.index, "name": user.name, "reviews": len(user.reviews), "file": user.file}
-
-
-def build_report(data: ReviewData, splits: dict[str, list[Sample]], builder: PromptBuilder) -> dict[str, Any]:
-    by_user = _samples_by_user(splits)
-    no_samples = {name: [] for name in splits}
-    per_user = []
-    for user in data.users:
-        per_user.append({
-            "index": user.index, "name": user.name, "reviews": len(user.reviews),
-            "skipped_empty": user.skipped_empty, "ignored_collections": user.ignored_collections,
-            "file": user.file, "splits": split_summary(by_user.get(user.index, no_samples)),
-        })
-    warnings = [f"the {name} split is empty" for name in ("val", "test") if not splits[name]]
-    example = next((splits[name][0] for name in ("val", "test") if splits[name]), None) or splits["train"][-1]
-    most = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (-len(u.reviews), u.index))
-    fewest = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (len(u.reviews), u.index))
-    return {
-        "file": data.path,
-        "files": data.files or [data.path],
-        "users": len(data.users),
-        "reviews": data.num_reviews,
-        "samples": sum(len(ss) for ss in splits.values()),
-        "skipped": {
-            "empty_reviews": sum(u.skipped_empty for u in data.users),
-            "non_movie_review_collections": sum(u.ignored_collections for u in data.users),
-        },
-        "splits": split_summary(splits),
-        "users_with_empty_split": {name: sum(1 for u in per_user if u["splits"][name]["samples"] == 0)
-                                   for name in splits},
-        "most_reviews": [_user_brief(u) for u in most],
-        "fewest_reviews": [_user_brief(u) for u in fewest],
-        "per_user": per_user,
-        "warnings": warnings,
-        "example": {
-            "user": example.user.name, "movie": example.target.movie, "timestamp": example.target.timestamp,
-            "split": example.split, "prompt": builder.render(example), "target": example.target.text,
-        },
-    }
-
-
-def _elide_history(prompt: str, keep: int = 10) -> str:
-    """For display only: show the first and last few history lines of a long prompt."""
-    lines = prompt.split("\n")
-    items = [i for i, line in enumerate(lines) if line.startswith("  电影《")]
-    if len(items) <= keep:
-        return prompt
-    half = keep // 2
-    hidden = items[half:-half]
-    lines[hidden[0]:hidden[-1] + 1] = [f"  ...（省略 {len(hidden)} 条）"]
-    return "\n".join(lines)
-
-
-def _files_line(files: list[str], shown: int = 3) -> str:
-    if len(files) == 1:
-        return f"文件: {files[0]}"
-    more = f" 等（共 {len(files)} 个）" if len(files) > shown else ""
-    return f"文件 ({len(files)} 个): " + ", ".join(files[:shown]) + more
-
-
-def format_report(report: dict[str, Any]) -> str:
-    def span(r):
-        return f"{r[0]} ~ {r[1]}" if r else "-"
-
-    files = report.get("files") or [report["file"]]
-    out = [
-        _files_line(files),
-        f"用户数: {report['users']}  影评数: {report['reviews']}  样本数: {report['samples']}",
-        f"跳过: 空影评 {report['skipped']['empty_reviews']} 条; "
-        f"非 movie_review 集合 {report['skipped']['non_movie_review_collections']} 个",
-        "",
-        "数据划分 (按时间顺序):",
-    ]
-    for name, info in report["splits"].items():
-        out.append(f"  {name:<5} {info['samples']:>5} 条  {span(info['time_range'])}")
-    if 1 < report["users"] <= REPORT_USERS_LISTED:
-        out.append("")
-        out.append("各用户划分:")
-        for u in report["per_user"]:
-            parts = "  ".join(f"{n} {i['samples']} ({span(i['time_range'])})" for n, i in u["splits"].items())
-            source = f" [{os.path.basename(u['file'])}]" if len(files) > 1 else ""
-            out.append(f"  #{u['index']} {u['name']}{source}: {u['reviews']} 条 (空 {u['skipped_empty']})  {parts}")
-    elif report["users"] > REPORT_USERS_LISTED:
-        def brief(users):
-            return ", ".join(f"#{u['index']} {u['name']} ({u['reviews']})" for u in users)
-
-        empty = report["users_with_empty_split"]
-        out += [
-            "",
-            f"各用户 ({report['users']} 个，完整列表见 --json):",
-            f"  影评最多: {brief(report['most_reviews'])}",
-            f"  影评最少: {brief(report['fewest_reviews'])}",
-            f"  val 为空的用户: {empty['val']} 个; test 为空的用户: {empty['test']} 个",
-        ]
-    for w in report["warnings"]:
-        out.append(f"警告: {w}")
-    ex = report["example"]
-    out += [
-        "",
-        f"样本示例 ({ex['split']}, {ex['user']}, {ex['timestamp']}):",
-        "----- 输入 -----",
-        _elide_history(ex["prompt"]).rstrip("\n"),
-        "----- 输出 -----",
-        ex["target"],
-    ]
-    return "\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Inspect a Douban review file and its chronological split.")
     parser.add_argument("data_file", nargs="+",
@@ -782,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     except ReviewDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from review_lm.data_report import build_report, format_report  # the report's layout (no torch)
+
     report = build_report(data, splits, PromptBuilder(not args.no_profile, not args.no_history))
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_report(report))
     return 0

@@ -3,8 +3,9 @@
     python generate_review.py --model_dir outputs/movie_review_model_Y --movie 流浪地球 --movie 爱乐之城
     python generate_review.py --model_dir outputs/movie_review_model_Y --interactive
 
-The prompt is the one training used (``data_loader_movie_review.encode_new_review``): the run's own settings
-from its ``training_config.json`` (profile/history ablation, ``--max_length``) and the user's whole history,
+The prompt is the one training used (``review_lm.dataset.encode_new_review``): the run's own settings
+from its ``training_config.json`` (``review_lm.run_folder.read_run_record``: profile/history ablation,
+``--max_length``) and the user's whole history,
 i.e. every review of theirs in the training data file (or ``--data_file``), oldest first, the newest kept when
 the token budget binds (room is kept for ``--max_new_tokens``). A film the user already reviewed is allowed:
 the history is what they wrote before now.
@@ -26,16 +27,14 @@ import os
 import random
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import data_loader_movie_review as dl
-import model_loading
-from evaluate_movie_review import GenerationSettings, generation_config_kwargs, split_at_eos
-from run_utils import UsageError
+from review_lm import model_loading
+from review_lm.generation import GenerationSettings, Written, generate_one, generation_config_kwargs
+from review_lm.run_folder import RunRecord, read_run_record
+from review_lm.utils import UsageError
 
-RUN_CONFIG = "training_config.json"  # written last by the trainer: a finished run has it
-TRAINER_MAX_LENGTH = 4096  # the trainer's --max_length default, for a config that does not record it
 LISTED_USERS = 10  # names shown when a user must be picked; the rest are counted
 
 
@@ -81,62 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------------------------
 # The run and the user (no torch: every input error is found before the model loads)
 # --------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunSettings:
-    """What the prompt depends on, as the training run recorded it."""
-
-    use_profile: bool
-    use_history: bool
-    max_length: int | None
-    data_files: list[str]  # as given to the trainer (relative to where it ran)
-    recorded_abs_files: list[str]  # the absolute paths the trainer recorded, if any
-
-    @property
-    def builder(self) -> dl.PromptBuilder:
-        return dl.PromptBuilder(self.use_profile, self.use_history)
-
-
-def as_path_list(value: Any) -> list[str]:
-    """A path or a list of paths (``--data_file`` takes several since multi-file input) as a list."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    return []
-
-
-def read_run_settings(model_dir: str) -> RunSettings:
-    if not os.path.exists(model_dir):
-        raise UsageError(f"--model_dir {model_dir}: no such folder")
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"--model_dir {model_dir}: not a folder")
-    path = os.path.join(model_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        if any(name.startswith("checkpoint-") for name in os.listdir(model_dir)):
-            raise UsageError(f"--model_dir {model_dir}: unfinished training run (checkpoints but no {RUN_CONFIG}); "
-                             "let it finish or resume it with --resume_from_checkpoint")
-        raise UsageError(f"--model_dir {model_dir}: no {RUN_CONFIG}, not a finished training run")
-    try:
-        config = dl.read_json_file(path)
-    except dl.ReviewDataError as err:
-        raise UsageError(str(err)) from None
-    arguments = config.get("arguments") if isinstance(config, dict) else None
-    if not isinstance(arguments, dict):
-        raise UsageError(f"{path}: no \"arguments\" object (not written by train_distributed_MovieReview.py?)")
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    max_length = arguments.get("max_length", TRAINER_MAX_LENGTH)
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise UsageError(f"{path}: arguments.max_length must be a positive integer, got {max_length!r}")
-    return RunSettings(
-        use_profile=bool(arguments.get("use_profile", True)),
-        use_history=bool(arguments.get("use_history", True)),
-        max_length=max_length,
-        data_files=as_path_list(arguments.get("data_file")),
-        recorded_abs_files=as_path_list(data.get("files", data.get("file"))),
-    )
-
-
-def resolve_data_files(given: list[str] | None, run: RunSettings, model_dir: str) -> list[str]:
+def resolve_data_files(given: list[str] | None, run: RunRecord, model_dir: str) -> list[str]:
     """``--data_file`` if given; else the run's data files, relative to the current folder, or failing that the
     absolute paths the run recorded. A missing file is one line that suggests ``--data_file``."""
     if given:
@@ -144,7 +88,7 @@ def resolve_data_files(given: list[str] | None, run: RunSettings, model_dir: str
             if not os.path.exists(path):
                 raise UsageError(f"--data_file {path}: no such file or folder")
         return given
-    config = os.path.join(model_dir, RUN_CONFIG)
+    config = run.path
     if not run.data_files:
         raise UsageError(f"{config} does not name the training data; pass --data_file PATH")
     if all(os.path.exists(p) for p in run.data_files):
@@ -201,14 +145,6 @@ def earlier_review_of(user: dl.UserHistory, movie: str) -> dl.Review | None:
 # --------------------------------------------------------------------------------------------------------------
 # Generation (torch / transformers imported here only)
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class Written:
-    text: str
-    new_tokens: int  # before EOS
-    hit_limit: bool  # stopped at --max_new_tokens without EOS
-    seed: int | None
-
-
 class ReviewWriter:
     """The loaded model and the decoding settings; writes one review per call."""
 
@@ -227,23 +163,11 @@ class ReviewWriter:
                                                    else random.SystemRandom().randrange(2**31))
 
     def write(self, prompt_ids: list[int], sample_index: int, stream: bool) -> Written:
-        import torch
-        from transformers import TextStreamer, set_seed
-
-        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        # Review k of a film depends on seed + k only, not on the films before it.
         seed = None if self.base_seed is None else self.base_seed + sample_index
-        if seed is not None:
-            set_seed(seed)  # review k of a film depends on seed + k only, not on the films before it
-        input_ids = torch.tensor([prompt_ids], device=self.loaded.device)
-        # The prompt ids are passed as given: the data loader's pieces, exactly as training saw them.
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 generation_config=self.gen_config, streamer=streamer)
-        kept, cut = split_at_eos(out[0, len(prompt_ids):].tolist(), tokenizer.eos_token_id)
-        return Written(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), cut, seed)
+        return generate_one(self.loaded, prompt_ids, self.gen_config, seed, stream)
 
-    def settings(self, run: RunSettings, seed: int | None) -> dict[str, Any]:
+    def settings(self, run: RunRecord, seed: int | None) -> dict[str, Any]:
         """Everything that decided a review, for --json."""
         a = self.args
         return {
@@ -259,15 +183,16 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def review_film(writer: ReviewWriter, run: RunSettings, user: dl.UserHistory, movie: str) -> None:
+def review_film(writer: ReviewWriter, run: RunRecord, user: dl.UserHistory, movie: str) -> None:
     """Print ``--num_samples`` reviews of ``movie`` (text, streamed on a terminal, or JSON lines)."""
     args = writer.args
     earlier = earlier_review_of(user, movie)
     if earlier is not None:
         print(f"note: {user.name} already reviewed 《{movie}》 on {earlier.timestamp}; that review stays in the "
               "history and a new one is written", file=sys.stderr)
-    enc = dl.encode_new_review(writer.loaded.tokenizer, user, movie, run.builder, run.max_length,
-                               args.max_new_tokens)
+    from review_lm.dataset import encode_new_review  # torch: after the model has loaded
+
+    enc = encode_new_review(writer.loaded.tokenizer, user, movie, run.builder, run.max_length, args.max_new_tokens)
     prompt_ids = enc.input_ids[:enc.prompt_length]
     history = f"历史 {enc.history_count}/{len(user.reviews)} 条" if run.use_history else "无历史"
     stream = not args.json and stdout_is_terminal()
@@ -325,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = read_run_settings(args.model_dir)
+    settings = read_run_record(args.model_dir)
     data_files = resolve_data_files(args.data_file, settings, args.model_dir)
     user = pick_user(load_users(data_files), args.user, ", ".join(data_files))
     movies = [clean_movie_name(m) for m in args.movie]

@@ -15,19 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import (
+
+import train_distributed_MovieReview as tr
+from review_lm import adapters
+from review_lm import plan as rp
+from tests.helpers import (
     EXAMPLE,
     REPO,
     clean_env,
     one_line_error,
     read_config,
+    run_plan,
     run_train,
-    tiny_model,  # noqa: F401 - module-scoped fixture reused here
     write_drift_reviews,
 )
-
-import adapters
-import train_distributed_MovieReview as tr
 
 BASE = ["--data_file", "d.json", "--output_dir", "out"]
 
@@ -77,24 +78,25 @@ def test_lora_flags_are_accepted_with_lora():
     assert adapters.parse_targets("all") is None and adapters.parse_targets(None) is None
 
 
-@pytest.mark.parametrize(("bit", "kind", "cuda", "bnb", "message"), [
-    (4, "full", True, True, "needs --finetuning_type lora"),
-    (4, "lora", False, True, "needs a CUDA GPU"),
-    (4, "lora", True, False, "needs the bitsandbytes package"),
-    (8, "lora", True, True, "only 4 (NF4) is supported"),
+@pytest.mark.parametrize(("cuda", "bnb", "message"), [
+    (False, True, "needs a CUDA GPU"),
+    (True, False, "needs the bitsandbytes package"),
 ])
-def test_quantization_refusals_each_branch(bit, kind, cuda, bnb, message):
+def test_quantization_refusals_each_branch(cuda, bnb, message):
     with pytest.raises(tr.UsageError, match=re.escape(message)):
-        adapters.plan_quantization(bit, kind, cuda_available=cuda, bnb_importable=bnb, bf16_supported=True)
+        adapters.plan_quantization(4, cuda_available=cuda, bnb_importable=bnb)
 
 
 def test_quantization_plan_where_qlora_can_run():
-    assert adapters.plan_quantization(None, "lora", False, False, False) is None  # no flag: nothing to decide
-    plan = adapters.plan_quantization(4, "lora", cuda_available=True, bnb_importable=True, bf16_supported=True)
-    assert plan.bnb_kwargs() == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                 "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
-    older_gpu = adapters.plan_quantization(4, "lora", True, True, bf16_supported=False)
-    assert older_gpu.compute_dtype == "float16"
+    assert adapters.plan_quantization(None, False, False) is None  # no flag: nothing to decide
+    plan = adapters.plan_quantization(4, cuda_available=True, bnb_importable=True)
+    assert plan.bnb_kwargs("bfloat16") == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                           "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    # The compute dtype is the precision plan's: bf16 on a bf16 GPU, fp16 on an older one.
+    assert rp.plan_runtime(False, True, True, (8, 0), False, finetuning_type="lora",
+                           quantization_bit=4).precision.torch_compute_dtype == "bfloat16"
+    assert rp.plan_runtime(False, True, False, (7, 5), False, finetuning_type="lora",
+                           quantization_bit=4).precision.torch_compute_dtype == "float16"
 
 
 def test_quantization_config_reaches_from_pretrained(monkeypatch):
@@ -106,16 +108,16 @@ def test_quantization_config_reaches_from_pretrained(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda source, **kwargs: seen.update(kwargs) or "model")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(adapters, "wrap_model", lambda model, args, base, quantized: (model, base, quantized))
-    plan = tr.plan_runtime(False, True, True, (8, 0), False)
-    quant = adapters.plan_quantization(4, "lora", True, True, True)
+    monkeypatch.setattr(adapters, "wrap_model", lambda model, args, base, quantized, gradient_checkpointing:
+                        (model, base, quantized))
+    plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), False), adapters.plan_quantization(4, True, True))
     args = args_for("--finetuning_type", "lora", "--quantization_bit", "4")
-    assert tr.load_model(args, "Qwen/Qwen2.5-3B", False, plan, quant) == ("model", "Qwen/Qwen2.5-3B", True)
+    assert tr.load_model(args, "Qwen/Qwen2.5-3B", False, plan) == ("model", "Qwen/Qwen2.5-3B", True)
     config = seen["quantization_config"]
     assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert seen["device_map"] == {"": 1}
-    assert adapters.quantization_load_kwargs(None, 0) == {}
+    assert adapters.quantization_load_kwargs(None, "bfloat16", 0) == {}
 
 
 def test_bitsandbytes_is_an_optional_import():
@@ -139,7 +141,8 @@ def test_resume_must_match_the_checkpoint_kind(tmp_path):
     assert adapters.checkpoint_kind(str(tmp_path / "nope")) is None
     with pytest.raises(tr.UsageError, match="holds a full fine-tuning checkpoint"):
         adapters.check_resume(str(full_ckpt), "lora")
-    with pytest.raises(tr.UsageError, match="holds a lora fine-tuning checkpoint; resume it with --finetuning_type lora"):
+    with pytest.raises(tr.UsageError,
+                       match="holds a lora fine-tuning checkpoint; resume it with --finetuning_type lora"):
         adapters.check_resume(str(lora_ckpt), "full")
     adapters.check_resume(str(lora_ckpt), "lora")
     adapters.check_resume(None, "full")
@@ -162,7 +165,7 @@ def tiny_opt():
                                                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
 
 
-def test_default_targets_are_the_decoder_block_linears_of_each_architecture(tiny_model):  # noqa: F811
+def test_default_targets_are_the_decoder_block_linears_of_each_architecture(tiny_model):
     from transformers import AutoModelForCausalLM
 
     qwen = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -177,7 +180,7 @@ def test_default_targets_are_the_decoder_block_linears_of_each_architecture(tiny
     assert "lm_head" not in adapters.resolve_lora_targets(opt, None)
 
 
-def test_explicit_targets_are_checked_against_the_model(tiny_model):  # noqa: F811
+def test_explicit_targets_are_checked_against_the_model(tiny_model):
     from transformers import AutoModelForCausalLM
 
     qwen = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -186,7 +189,7 @@ def test_explicit_targets_are_checked_against_the_model(tiny_model):  # noqa: F8
         adapters.resolve_lora_targets(qwen, "q_proj,qkv,lm_head")
 
 
-def test_wrap_model_trains_only_the_adapters_and_records_the_base(tiny_model):  # noqa: F811
+def test_wrap_model_trains_only_the_adapters_and_records_the_base(tiny_model):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -208,13 +211,14 @@ def test_wrap_model_trains_only_the_adapters_and_records_the_base(tiny_model):  
 # --------------------------------------------------------------------------------------------------------------
 # Bad flags through the script: one line, nothing written
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "message"), [
     (["--quantization_bit", "4"], "add --finetuning_type lora"),
     (["--finetuning_type", "lora", "--quantization_bit", "4"], "needs a CUDA GPU"),
     (["--lora_rank", "4"], "only used with --finetuning_type lora"),
     (["--finetuning_type", "lora", "--lora_target", "nope_proj"], "no linear layer named nope_proj"),
 ])
-def test_bad_adapter_flags_are_one_line_and_write_nothing(tmp_path, capsys, tiny_model, flags, message):  # noqa: F811
+def test_bad_adapter_flags_are_one_line_and_write_nothing(tmp_path, capsys, tiny_model, flags, message):
     out = tmp_path / "run"
     code = tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
                     "--report_to", "none", *flags])
@@ -225,7 +229,8 @@ def test_bad_adapter_flags_are_one_line_and_write_nothing(tmp_path, capsys, tiny
     assert not out.exists()
 
 
-def test_qlora_without_a_gpu_is_one_line_from_the_command_line(tmp_path, tiny_model):  # noqa: F811
+@pytest.mark.slow
+def test_qlora_without_a_gpu_is_one_line_from_the_command_line(tmp_path, tiny_model):
     import torch
 
     if torch.cuda.is_available() and adapters.bitsandbytes_importable():
@@ -242,7 +247,7 @@ def test_qlora_without_a_gpu_is_one_line_from_the_command_line(tmp_path, tiny_mo
 # LoRA end to end
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, tiny_model) -> Path:  # noqa: F811
+def lora_run(tmp_path_factory, tiny_model) -> Path:
     """Train one phrase, validate on another (validation loss turns up soon), merge the adapter at the end."""
     tmp = tmp_path_factory.mktemp("lora")
     data = write_drift_reviews(tmp)
@@ -269,7 +274,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_lora_run_writes_an_adapter_folder(lora_run, tiny_model):  # noqa: F811
+def test_lora_run_writes_an_adapter_folder(lora_run, tiny_model):
     names = set(os.listdir(lora_run))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "training_config.json", "test_samples.json", "loss_curve.png"} <= names
@@ -292,11 +297,12 @@ def test_lora_early_stopping_saves_the_best_adapter(lora_run):
     assert same(saved, adapter_weights(Path(result["best_checkpoint"])))
     last = sorted(lora_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     assert last != Path(result["best_checkpoint"])
-    assert not same(saved, adapter_weights(last))  # the adapter did move after the best epoch: the check means something
+    # The adapter did move after the best epoch: the check means something.
+    assert not same(saved, adapter_weights(last))
 
 
 @pytest.mark.slow
-def test_merged_model_loads_plainly_and_matches_base_plus_adapter(lora_run, tiny_model):  # noqa: F811
+def test_merged_model_loads_plainly_and_matches_base_plus_adapter(lora_run, tiny_model):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -350,7 +356,7 @@ def test_evaluation_and_generation_read_the_adapter_folder_like_the_merged_one(l
 
 
 @pytest.mark.slow
-def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny_model, capsys):  # noqa: F811
+def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny_model, capsys):
     out = tmp_path / "run"
     common = ["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--warmup_steps", "0",
               "--learning_rate", "1e-2", "--report_to", "none", "--finetuning_type", "lora",
@@ -374,12 +380,8 @@ def test_lora_resume_continues_from_the_latest_adapter_checkpoint(tmp_path, tiny
 @pytest.mark.parametrize(("precision", "compute"), [("auto", "bfloat16"), ("fp16-mixed", "float16")])
 def test_qlora_computes_in_the_runs_half_precision(monkeypatch, precision, compute):
     """On a bf16 GPU, --precision fp16-mixed must not leave bitsandbytes computing in bf16 (and auto stays bf16)."""
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    monkeypatch.setattr(adapters, "bitsandbytes_importable", lambda: True)
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out", "--finetuning_type", "lora",
                           "--quantization_bit", "4", "--precision", precision])
-    quantization, _ = tr.plan_scaling(args, None)
-    assert quantization.bnb_kwargs()["bnb_4bit_compute_dtype"] == compute
+    bf16_gpu = rp.Hardware(cuda=True, bf16=True, compute_capability=(8, 0), bitsandbytes=True)
+    plan = rp.plan_hardware(args, bf16_gpu, world_size=1)
+    assert plan.quantization.bnb_kwargs(plan.precision.torch_compute_dtype)["bnb_4bit_compute_dtype"] == compute

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-import completion_training as ct
-from tests.test_train import EXAMPLE, read_config, run_train, write_reviews
-from tools.make_tiny_model import build_tiny_model
+from review_lm import completion_training as ct
+from review_lm.tiny_model import build_tiny_model
+from tests.helpers import EXAMPLE, read_config, run_train, write_reviews
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,6 +171,7 @@ def test_completion_only_loss_and_gradient_equal_full_logits(tmp_path, tokenizer
     assert batch["labels"].ne(-100).sum() == sum(sum(x != -100 for x in s["labels"]) for s in samples)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_keeps_the_packed_completion_only_loss_and_gradient(tmp_path, tokenizer, samples):
     batch = ct.make_data_collator(tokenizer, packing=True)(samples)
     results = []
@@ -260,7 +261,7 @@ def test_gradient_accumulation_gives_the_update_of_one_larger_batch(tmp_path, to
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def script_model(tmp_path_factory) -> str:
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import data_loader_movie_review as dl
+from review_lm import data_report
+from tests.eager_encoder import SampleTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODULE_PATH = REPO_ROOT / "data_loader_movie_review.py"
@@ -159,13 +161,14 @@ def test_golden_prompt_history_lines(example_splits, golden_prompt):
     assert len(lines) == 19
     assert lines[0] == "  电影《钢铁侠1》: boring"
     assert lines[18].startswith("  电影《寻龙诀》: 坤哥舒淇黄渤铁三角神还原了小说里的摸金校尉")
-    assert prompt.startswith("用户: Y\n任务: 基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式\n\n历史影评记录 (19条):\n")
+    assert prompt.startswith("用户: Y\n任务: 基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式\n\n"
+                             "历史影评记录 (19条):\n")
     assert prompt.endswith("\n\n请为电影《美人鱼》写一条影评：\n")
 
 
 def test_golden_prompt_is_what_the_model_sees(example_splits, golden_prompt, qwen_tokenizer):
     tok = qwen_tokenizer
-    enc = dl.SampleTokenizer(tok, None).encode(example_splits["val"][0])
+    enc = SampleTokenizer(tok, None).encode(example_splits["val"][0])
     assert enc.prompt == golden_prompt
     assert enc.history_count == 19
     assert enc.input_ids == ids(tok, golden_prompt + "功夫之后再无周星驰。") + [tok.eos_token_id]
@@ -341,7 +344,7 @@ def test_first_review_has_no_history_block(example_splits, qwen_tokenizer):
     assert first.position == 0 and first.history == []
     prompt = dl.PromptBuilder().render(first)
     assert prompt == f"用户: Y\n任务: {TASK}\n\n请为电影《钢铁侠1》写一条影评：\n"
-    enc = dl.SampleTokenizer(qwen_tokenizer, None).encode(first)
+    enc = SampleTokenizer(qwen_tokenizer, None).encode(first)
     assert enc.history_count == 0 and enc.prompt == prompt
 
 
@@ -403,7 +406,7 @@ def test_other_collection_types_are_ignored_and_counted(tmp_path):
     assert [u.ignored_collections for u in data.users] == [2, 0]
     assert [r.text for r in data.users[0].reviews] == ["一", "二"]
     splits = dl.split_chronologically(data)
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert report["skipped"]["non_movie_review_collections"] == 2
     assert [u["ignored_collections"] for u in report["per_user"]] == [2, 0]
     assert all("书评" not in dl.PromptBuilder().render(s) for s in all_samples(splits))
@@ -411,7 +414,8 @@ def test_other_collection_types_are_ignored_and_counted(tmp_path):
 
 def test_empty_reviews_are_skipped_counted_and_never_used(tmp_path):
     records = [review("一", "甲", "2015-01-01"), review("", "空1", "2015-01-02"), review("   ", "空2", "2015-01-03"),
-               review("二", "乙", "2015-01-04"), review("\n\t\u3000", "空3", "2015-01-05"), review("三", "丙", "2015-01-06")]
+               review("二", "乙", "2015-01-04"), review("\n\t\u3000", "空3", "2015-01-05"),
+               review("三", "丙", "2015-01-06")]
     data = load_obj(tmp_path, [user_entry("U", records)])
     assert data.users[0].skipped_empty == 3
     assert [(r.text, r.record_index) for r in data.users[0].reviews] == [("一", 0), ("二", 3), ("三", 5)]
@@ -422,7 +426,7 @@ def test_empty_reviews_are_skipped_counted_and_never_used(tmp_path):
         prompt = dl.PromptBuilder().render(s)
         assert "空" not in prompt
         assert all(line.split(": ", 1)[1].strip() for line in history_lines_in(prompt))
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert report["skipped"]["empty_reviews"] == 3 and report["per_user"][0]["skipped_empty"] == 3
     assert report["reviews"] == 3 and report["samples"] == 3
 
@@ -431,7 +435,7 @@ def test_user_with_two_reviews_gives_empty_val_split_and_a_warning(tmp_path):
     data = load_obj(tmp_path, [user_entry("U", [review("一", "甲", "2015-01-01"), review("二", "乙", "2015-02-01")])])
     splits = dl.split_chronologically(data)
     assert [[s.target.text for s in splits[n]] for n in dl.SPLITS] == [["一"], [], ["二"]]
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert report["warnings"] == ["the val split is empty"]
     assert report["splits"]["val"] == {"samples": 0, "time_range": None}
     assert report["example"]["split"] == "test" and report["example"]["target"] == "二"
@@ -443,7 +447,7 @@ def test_small_user_next_to_big_user(tmp_path, example_data_file):
     data = load_obj(tmp_path, [small, obj[0]])
     splits = dl.split_chronologically(data)
     assert [len(splits[n]) for n in dl.SPLITS] == [1 + 19, 0 + 4, 1 + 5]
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert report["warnings"] == []
     assert [[u["splits"][n]["samples"] for n in dl.SPLITS] for u in report["per_user"]] == [[1, 0, 1], [19, 4, 5]]
 
@@ -531,6 +535,7 @@ def test_bad_input_raises_one_line_error(tmp_path, case):
         assert part in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, case):
     make, expected = BAD_INPUTS[case]
@@ -546,6 +551,7 @@ def test_cli_bad_input_exits_2_with_one_error_line(tmp_path, case):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--train_ratio", "1.5"], ["train_ratio", "1.5"]),
     (["--val_ratio", "-0.1"], ["val_ratio", "-0.1"]),
@@ -577,7 +583,7 @@ def test_labels_mask_exactly_the_prompt_and_keep_eos(any_tokenizer, example_spli
     tok = any_tokenizer
     assert tok.pad_token_id == tok.eos_token_id
     eos = tok.eos_token_id
-    encs = dl.SampleTokenizer(tok, None).encode_split(all_samples(example_splits))
+    encs = SampleTokenizer(tok, None).encode_split(all_samples(example_splits))
     assert len(encs) == 28
     for enc in encs:
         n = enc.prompt_length
@@ -597,7 +603,7 @@ def test_prompt_length_equals_tokenized_prompt(any_tokenizer, example_splits):
     """sample_record promises tokenizer(prompt) == input_ids[:prompt_length]; evaluation relies on it."""
     tok = any_tokenizer
     mismatches = []
-    for enc in dl.SampleTokenizer(tok, None).encode_split(all_samples(example_splits)):
+    for enc in SampleTokenizer(tok, None).encode_split(all_samples(example_splits)):
         prompt_ids = ids(tok, enc.prompt)
         if enc.prompt_length != len(prompt_ids) or enc.input_ids[:enc.prompt_length] != prompt_ids:
             mismatches.append((enc.sample.target.movie, enc.prompt_length, len(prompt_ids)))
@@ -624,10 +630,10 @@ def test_count_text_mismatches_flags_tokenizers_that_merge_across_newlines(
         qwen_tokenizer, bpe_tokenizer, gpt2_style_bpe_tokenizer, example_splits):
     samples = all_samples(example_splits)
     for tok in (qwen_tokenizer, bpe_tokenizer):
-        st = dl.SampleTokenizer(tok, None)
+        st = SampleTokenizer(tok, None)
         assert st.count_text_mismatches(st.encode_split(samples), limit=28) == 0
     tok = gpt2_style_bpe_tokenizer
-    st = dl.SampleTokenizer(tok, None)
+    st = SampleTokenizer(tok, None)
     encs = st.encode_split(samples)
     manual = sum(ids(tok, e.prompt) != e.input_ids[:e.prompt_length] for e in encs)
     assert manual > 0  # "\n" + "  电影《" is one GPT-2 pre-token, split across two pieces by the assembler
@@ -640,8 +646,8 @@ def test_sample_tokenizer_needs_an_eos_token(qwen_tokenizer):
         eos_token_id = None
 
     with pytest.raises(ValueError, match="EOS"):
-        dl.SampleTokenizer(NoEos(), None)
-    assert dl.SampleTokenizer(qwen_tokenizer, None).truncated_targets == 0
+        SampleTokenizer(NoEos(), None)
+    assert SampleTokenizer(qwen_tokenizer, None).truncated_targets == 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -651,7 +657,7 @@ def test_sample_tokenizer_needs_an_eos_token(qwen_tokenizer):
 def test_budget_keeps_the_most_recent_history_that_fits(qwen_tokenizer, example_splits, example_records, max_length):
     tok, eos = qwen_tokenizer, qwen_tokenizer.eos_token_id
     builder = dl.PromptBuilder()
-    st = dl.SampleTokenizer(tok, max_length)
+    st = SampleTokenizer(tok, max_length)
     encs = st.encode_split(all_samples(example_splits))
     truncated = 0
     for enc in encs:
@@ -686,10 +692,10 @@ def test_budget_keeps_the_most_recent_history_that_fits(qwen_tokenizer, example_
 
 def test_budget_one_below_full_length_drops_exactly_one_item(qwen_tokenizer, example_splits):
     samples = all_samples(example_splits)
-    full = dl.SampleTokenizer(qwen_tokenizer, None).encode_split(samples)
+    full = SampleTokenizer(qwen_tokenizer, None).encode_split(samples)
     longest = max(full, key=lambda e: len(e.input_ids))
     budget = len(longest.input_ids) - 1
-    for enc, unlimited in zip(dl.SampleTokenizer(qwen_tokenizer, budget).encode_split(samples), full, strict=True):
+    for enc, unlimited in zip(SampleTokenizer(qwen_tokenizer, budget).encode_split(samples), full, strict=True):
         if enc.sample is longest.sample:
             assert enc.history_count == enc.sample.position - 1
             assert f"({enc.sample.position - 1}条)" in enc.prompt
@@ -705,7 +711,7 @@ def test_target_longer_than_budget_is_truncated_not_dropped(qwen_tokenizer, exam
     base = len(ids(tok, dl.PromptBuilder().render(longest, 0)))
     budget = base + 11  # room for 10 target tokens + EOS
     assert len(ids(tok, dl.PromptBuilder().render(short, 0))) + len(ids(tok, "燃爆")) + 1 <= budget
-    st = dl.SampleTokenizer(tok, budget)
+    st = SampleTokenizer(tok, budget)
     enc_short, enc_long = st.encode_split([short, longest])
     assert enc_long.target_truncated and not enc_short.target_truncated
     assert st.truncated_targets == 1
@@ -720,7 +726,7 @@ def test_target_longer_than_budget_is_truncated_not_dropped(qwen_tokenizer, exam
 
 def test_budget_too_small_for_any_target_is_a_one_line_error(qwen_tokenizer, example_splits):
     with pytest.raises(dl.ReviewDataError) as info:
-        dl.SampleTokenizer(qwen_tokenizer, 8).encode(example_splits["val"][0])
+        SampleTokenizer(qwen_tokenizer, 8).encode(example_splits["val"][0])
     assert "\n" not in str(info.value) and "max_length" in str(info.value)
 
 
@@ -756,7 +762,7 @@ def test_assembled_ids_equal_plain_qwen_tokenization(request, qwen_tokenizer, ex
     samples = all_samples(dl.split_chronologically(dl.load_review_file(str(path))))
     builder = dl.PromptBuilder(use_profile, use_history)
     for max_length in (None, 300, 100):
-        st = dl.SampleTokenizer(qwen_tokenizer, max_length, builder)
+        st = SampleTokenizer(qwen_tokenizer, max_length, builder)
         encs = st.encode_split(samples)
         assert all(e.sample is s for e, s in zip(encs, samples, strict=True))
         if max_length is not None:
@@ -771,7 +777,7 @@ def test_assembled_ids_equal_plain_qwen_tokenization(request, qwen_tokenizer, ex
 # --------------------------------------------------------------------------------------------------------------
 def test_sample_record_fields(qwen_tokenizer, example_splits, example_records):
     samples = all_samples(example_splits)
-    encs = dl.SampleTokenizer(qwen_tokenizer, 250).encode_split(samples)
+    encs = SampleTokenizer(qwen_tokenizer, 250).encode_split(samples)
     assert any(e.history_count < e.sample.position for e in encs)  # the budget cut some history
     for enc in encs:
         record = json.loads(json.dumps(dl.sample_record(enc), ensure_ascii=False))
@@ -796,6 +802,7 @@ def _example_ranges(example_records) -> dict:
     return {"train": stamps[0:19], "val": stamps[19:23], "test": stamps[23:28]}
 
 
+@pytest.mark.slow
 def test_cli_text_report_for_example(example_data_file, example_records):
     result = run_cli(example_data_file)
     assert result.returncode == 0, result.stderr
@@ -809,6 +816,7 @@ def test_cli_text_report_for_example(example_data_file, example_records):
     assert "功夫之后再无周星驰。" in out
 
 
+@pytest.mark.slow
 def test_cli_json_report_for_example(example_data_file, example_records, golden_prompt):
     result = run_cli(example_data_file, "--json")
     assert result.returncode == 0, result.stderr
@@ -823,6 +831,7 @@ def test_cli_json_report_for_example(example_data_file, example_records, golden_
     assert report["example"]["target"] == "功夫之后再无周星驰。"
 
 
+@pytest.mark.slow
 def test_cli_no_history_and_no_profile(example_data_file):
     plain = run_cli(example_data_file)
     no_history = run_cli(example_data_file, "--no_history")
@@ -834,6 +843,7 @@ def test_cli_no_history_and_no_profile(example_data_file):
     assert prompt.startswith(f"任务: {TASK}\n\n历史影评记录 (19条):\n")
 
 
+@pytest.mark.slow
 def test_cli_small_file_warns_about_empty_val_split(tmp_path):
     path = write_json(tmp_path / "two.json", [user_entry("U", [review("一", "甲", "2015-01-01"),
                                                                review("二", "乙", "2015-02-01")])])
@@ -842,6 +852,7 @@ def test_cli_small_file_warns_about_empty_val_split(tmp_path):
     assert "警告: the val split is empty" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_does_not_import_torch_or_transformers(example_data_file):
     code = (
         "import io, sys, runpy, contextlib\n"
@@ -881,7 +892,7 @@ def test_real_file_loads_with_expected_counts(douban_dmr_dir, name):
     assert [(u.name, len(u.reviews), u.skipped_empty) for u in data.users] == counted
     assert all(u.ignored_collections == 0 for u in data.users)
     splits = dl.split_chronologically(data)
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert report["skipped"]["empty_reviews"] == sum(c[2] for c in counted)
     assert report["samples"] == report["reviews"] == sum(c[1] for c in counted)
     assert [u["skipped_empty"] for u in report["per_user"]] == [c[2] for c in counted]
@@ -917,7 +928,7 @@ def test_two_files_load_as_one_data_set_with_distinct_users(tmp_path):
     splits = dl.split_chronologically(data)
     assert [len(splits[n]) for n in dl.SPLITS] == [7 + 4, 1 + 1, 2 + 2]
     assert {s.user.index for s in splits["test"]} == {0, 1}
-    report = dl.build_report(data, splits, dl.PromptBuilder())
+    report = data_report.build_report(data, splits, dl.PromptBuilder())
     assert [(u["index"], u["file"], u["reviews"]) for u in report["per_user"]] == [(0, a, 10), (1, b, 7)]
     assert report["files"] == [a, b]
 
@@ -943,6 +954,7 @@ def test_directory_loads_its_json_files_in_name_order(tmp_path):
                           extra]
 
 
+@pytest.mark.slow
 def test_bad_file_in_a_directory_is_named(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
@@ -959,6 +971,7 @@ def test_bad_file_in_a_directory_is_named(tmp_path):
     assert result.stderr.splitlines() == [f"error: {message}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("make", "expected"), [
     (lambda t: [str(_dir(t))], ["adir", "no .json files"]),
     (lambda t: [_user_file(t / "a.json", "A", 3)] * 2, ["a.json", "given twice"]),
@@ -976,6 +989,7 @@ def test_bad_multi_file_inputs_are_one_line_errors(tmp_path, make, expected):
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_takes_several_files_and_directories(tmp_path, douban_dmr_dir, example_data_file):
     result = run_cli(douban_dmr_dir, example_data_file, "--json")
     assert result.returncode == 0, result.stderr
@@ -988,6 +1002,7 @@ def test_cli_takes_several_files_and_directories(tmp_path, douban_dmr_dir, examp
     assert "#6 Y [example_movie_review_data.json]: 28 条" in text
 
 
+@pytest.mark.slow
 def test_report_with_thousands_of_users_is_summarised(tmp_path):
     # 3000 users; user u has 1 + u % 7 reviews, so users with 1 or 2 reviews have empty val / test splits.
     users = [user_entry(f"u{u}", [review(f"t{u}-{i}", f"m{i}", f"2015-01-{1 + i:02d}") for i in range(1 + u % 7)])
@@ -1020,6 +1035,6 @@ def test_time_range_matches_a_stable_sort(tmp_path):
     data = load_obj(tmp_path, [user_entry("U", records)])
     samples = dl.split_chronologically(data, 1.0, 0.0, 0.0)["train"]
     by_sort = sorted(samples, key=lambda s: s.target.time)
-    assert dl._time_range(samples) == [by_sort[0].target.timestamp, by_sort[-1].target.timestamp] \
+    assert data_report._time_range(samples) == [by_sort[0].target.timestamp, by_sort[-1].target.timestamp] \
         == ["2015-01-01 00:00", "2015-01-02T00:00"]
-    assert dl._time_range(list(reversed(samples))) == ["2015-01-01", "2015-01-02"]
+    assert data_report._time_range(list(reversed(samples))) == ["2015-01-01", "2015-01-02"]

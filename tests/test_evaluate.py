@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 import evaluate_movie_review as ev
-import model_loading as ml
+from review_lm import generation, metrics
+from review_lm import metrics as review_metrics
+from review_lm import model_loading as ml
+from tests.eager_encoder import SampleTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "evaluate_movie_review.py")
@@ -79,13 +82,13 @@ def tiny_run(tmp_path_factory, review_file) -> Path:
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_run")
     make_tiny_model(str(out), tokenizer_kind="bpe", corpus=[str(review_file)], vocab_size=500)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     splits = dl.split_chronologically(dl.load_review_file(str(review_file)))
-    encoded = dl.SampleTokenizer(tokenizer, 512, dl.PromptBuilder()).encode_split(splits["test"])
+    encoded = SampleTokenizer(tokenizer, 512, dl.PromptBuilder()).encode_split(splits["test"])
     (out / "test_samples.json").write_text(json.dumps([dl.sample_record(e) for e in encoded], ensure_ascii=False),
                                            encoding="utf-8")
     return out
@@ -120,19 +123,19 @@ def evaluate_in_process(*args: str) -> int:
 # --------------------------------------------------------------------------------------------------------------
 def test_identical_texts_score_perfect():
     refs = ["看完出门转了一下钥匙扣，确认自己不在梦里。", "Nolan你赢了，陀螺到底倒没倒？"]
-    m = ev.compute_metrics(refs, refs)
+    m = metrics.compute_metrics(refs, refs)
     for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
         assert m[key] == pytest.approx(100.0), key
 
 
 def test_disjoint_texts_score_zero():
-    m = ev.compute_metrics(["我喜欢电影"], ["你讨厌音乐"])
+    m = metrics.compute_metrics(["我喜欢电影"], ["你讨厌音乐"])
     for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
         assert m[key] == pytest.approx(0.0), key
 
 
 def test_rouge_partial_overlap_by_hand():
-    m = ev.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
+    m = metrics.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
     # ROUGE-1: 5 chars each, 3 shared (我 喜 欢) -> P = R = 3/5 -> F1 = 0.6 -> 60
     assert m["rouge1"] == pytest.approx(60.0)
     # ROUGE-2: bigrams 我喜 喜欢 欢音 音乐 vs 我喜 喜欢 欢电 电影 -> 2 of 4 shared -> F1 = 0.5 -> 50
@@ -143,14 +146,14 @@ def test_rouge_partial_overlap_by_hand():
 
 def test_rouge_counts_latin_words_as_one_unit():
     # units: Nolan 你 赢 了 vs Nolan 输 了 -> 2 shared; P = 2/3, R = 2/4 -> F1 = 2PR/(P+R) = 4/7
-    m = ev.compute_metrics(["Nolan 输了"], ["Nolan你赢了"])
+    m = metrics.compute_metrics(["Nolan 输了"], ["Nolan你赢了"])
     assert m["rouge1"] == pytest.approx(100 * 4 / 7)
 
 
 def test_bleu_partial_overlap_by_hand():
     # hyp 我喜欢看电影 vs ref 我喜欢看电视 (tok:zh -> one word per character, 6 each, BP = 1)
     # n-gram precisions: 1: 5/6, 2: 4/5, 3: 3/4, 4: 2/3 -> product 1/3 -> BLEU = (1/3)^(1/4) = 0.7598
-    m = ev.compute_metrics(["我喜欢看电影"], ["我喜欢看电视"])
+    m = metrics.compute_metrics(["我喜欢看电影"], ["我喜欢看电视"])
     assert m["bleu"] == pytest.approx(100 * (1 / 3) ** 0.25, abs=1e-6)
 
 
@@ -158,42 +161,42 @@ def test_chrf_partial_overlap_by_hand():
     # char n-grams of 我喜欢音乐 vs 我喜欢电影, orders 1-5 exist on both sides (no 6-grams, so they don't count):
     # precision = recall per order: 3/5, 2/4, 1/3, 0/2, 0/1 -> mean P = mean R = 1.4333/5 = 0.28667
     # F-beta with P == R is P -> chrF = 28.667
-    m = ev.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
+    m = metrics.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
     assert m["chrf"] == pytest.approx(100 * (3 / 5 + 2 / 4 + 1 / 3) / 5, abs=1e-6)
 
 
 def test_char_tokenizer_units():
-    units = ev.CharTokenizer().tokenize("Nolan你赢了，陀螺 2010年 café!")
+    units = metrics.CharTokenizer().tokenize("Nolan你赢了，陀螺 2010年 café!")
     assert units == ["Nolan", "你", "赢", "了", "，", "陀", "螺", "2010", "年", "café", "!"]
 
 
 def test_distinct_n_by_hand():
     texts = ["我喜欢", "我喜欢电影"]
     # unigrams: 我 喜 欢 | 我 喜 欢 电 影 -> 5 unique of 8 -> 62.5
-    assert ev.distinct_n(texts, 1) == pytest.approx(62.5)
+    assert metrics.distinct_n(texts, 1) == pytest.approx(62.5)
     # bigrams: 我喜 喜欢 | 我喜 喜欢 欢电 电影 -> 4 unique of 6 (none across the two texts) -> 66.67
-    assert ev.distinct_n(texts, 2) == pytest.approx(100 * 4 / 6)
-    assert ev.distinct_n(["", "a"], 2) == 0.0  # no bigram at all
+    assert metrics.distinct_n(texts, 2) == pytest.approx(100 * 4 / 6)
+    assert metrics.distinct_n(["", "a"], 2) == 0.0  # no bigram at all
 
 
 def test_average_length_in_characters():
-    assert ev.average_length(["ab", "", "我喜欢"]) == pytest.approx(5 / 3)
+    assert metrics.average_length(["ab", "", "我喜欢"]) == pytest.approx(5 / 3)
 
 
 def test_empty_predictions_score_zero_without_crashing():
-    m = ev.compute_metrics(["", ""], ["我喜欢电影", "好看"])
-    assert m == {key: 0.0 for key, _ in ev.METRICS}
+    m = metrics.compute_metrics(["", ""], ["我喜欢电影", "好看"])
+    assert m == {key: 0.0 for key, _ in metrics.METRICS}
 
 
 def test_compute_metrics_rejects_mismatched_or_empty_lists():
     with pytest.raises(ValueError):
-        ev.compute_metrics(["a"], ["a", "b"])
+        metrics.compute_metrics(["a"], ["a", "b"])
     with pytest.raises(ValueError):
-        ev.compute_metrics([], [])
+        metrics.compute_metrics([], [])
 
 
 def test_metric_definitions_name_tokenization_and_versions():
-    d = ev.metric_definitions()
+    d = metrics.metric_definitions()
     assert "tok:zh" in d["bleu"]["signature"] and "version:2.6" in d["bleu"]["signature"]
     assert "nc:6" in d["chrf"]["signature"]
     assert "rouge-score 0.1.2" in d["rouge1"]["how"] and "latin" in d["rouge1"]["tokenization"]
@@ -203,7 +206,7 @@ def test_metric_definitions_name_tokenization_and_versions():
 # Baselines
 # --------------------------------------------------------------------------------------------------------------
 def test_last_baseline_copies_the_most_recent_earlier_review(test_samples):
-    outputs = ev.baseline_last(test_samples)
+    outputs = metrics.baseline_last(test_samples)
     assert len(outputs) == len(test_samples) == 5
     for sample, output in zip(test_samples, outputs, strict=True):
         assert output == (sample["earlier_reviews"][-1] if sample["earlier_reviews"] else "")
@@ -212,24 +215,25 @@ def test_last_baseline_copies_the_most_recent_earlier_review(test_samples):
 
 
 def test_random_baseline_is_an_earlier_review_and_reproducible(test_samples):
-    outputs = ev.baseline_random(test_samples, seed=3)
+    outputs = metrics.baseline_random(test_samples, seed=3)
     for sample, output in zip(test_samples, outputs, strict=True):
         assert output in sample["earlier_reviews"] if sample["earlier_reviews"] else output == ""
-    assert ev.baseline_random(test_samples, seed=3) == outputs
+    assert metrics.baseline_random(test_samples, seed=3) == outputs
     many = [{"earlier_reviews": [str(i) for i in range(50)]}] * 20
-    assert ev.baseline_random(many, seed=1) != ev.baseline_random(many, seed=2)
+    assert metrics.baseline_random(many, seed=1) != metrics.baseline_random(many, seed=2)
 
 
 def test_baselines_never_read_the_reference():
     # No "reference" key at all: a baseline that looked at it would raise KeyError.
     samples = [{"earlier_reviews": ["旧的一条", "最近的一条"]}, {"earlier_reviews": []}]
-    assert ev.compute_baselines(samples, seed=0)["last"] == ["最近的一条", ""]
-    assert ev.compute_baselines(samples, seed=0)["random"][1] == ""
+    assert metrics.compute_baselines(samples, seed=0)["last"] == ["最近的一条", ""]
+    assert metrics.compute_baselines(samples, seed=0)["random"][1] == ""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Generation with the tiny model
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_copy, test_samples):
     assert evaluate_in_process("--model_dir", str(run_copy), "--max_new_tokens", "5") == 0
     eval_dir = run_copy / "eval"
@@ -246,7 +250,7 @@ def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_cop
     assert max(r["prediction_tokens"] for r in rows) == 5
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_samples"] == 5
-    assert set(metrics["model"]) == set(metrics["baselines"]["last"]) == {k for k, _ in ev.METRICS}
+    assert set(metrics["model"]) == set(metrics["baselines"]["last"]) == {k for k, _ in review_metrics.METRICS}
     assert set(metrics["baselines"]) == {"last", "random"}
     assert metrics["generation"]["generation_config"]["max_new_tokens"] == 5
     assert metrics["generation"]["generation_config"]["do_sample"] is False
@@ -254,6 +258,7 @@ def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_cop
     assert metrics["test_file"] == str((run_copy / "test_samples.json").resolve())
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_deterministic_and_independent_of_batching(tiny_run, tmp_path):
     common = ("--model_dir", str(tiny_run), "--max_new_tokens", "6")
     for name, batch in (("a", "8"), ("b", "8"), ("c", "1")):
@@ -264,6 +269,7 @@ def test_greedy_generation_is_deterministic_and_independent_of_batching(tiny_run
     assert (tmp_path / "c" / "predictions.jsonl").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_its_seed(tiny_run, tmp_path):
     common = ("--model_dir", str(tiny_run), "--max_new_tokens", "6", "--do_sample", "--temperature", "1.5")
     for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
@@ -284,17 +290,19 @@ def test_device_and_dtype_choice():
 
 
 def test_greedy_settings_do_not_carry_sampling_knobs():
-    greedy = ev.generation_config_kwargs(ev.GenerationSettings(), eos_id=7, pad_id=7)
+    greedy = generation.generation_config_kwargs(generation.GenerationSettings(), eos_id=7, pad_id=7)
     assert greedy["do_sample"] is False and greedy["use_cache"] is True and greedy["eos_token_id"] == 7
     assert not {"temperature", "top_p", "top_k"} & set(greedy)
 
 
+@pytest.mark.slow
 def test_each_prediction_belongs_to_its_own_prompt(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # A random tied-embedding model repeats the prompt's last token, so these prompts (different lengths, so
     # batches are padded and sorted) give different predictions: a mix-up between samples would show.
-    prompts = ["boring", "看完出门转了一下钥匙扣，确认自己不在梦里。Nolan你赢了", "IMAX", "站着，还把钱挣了。台词密度 2010"]
+    prompts = ["boring", "看完出门转了一下钥匙扣，确认自己不在梦里。Nolan你赢了", "IMAX",
+               "站着，还把钱挣了。台词密度 2010"]
     test_file = tmp_path / "prompts.json"
     test_file.write_text(json.dumps([{"prompt": p, "reference": "好看", "earlier_reviews": []} for p in prompts],
                                     ensure_ascii=False), encoding="utf-8")
@@ -316,6 +324,7 @@ def test_each_prediction_belongs_to_its_own_prompt(tiny_run, tmp_path):
     assert len(set(expected)) == len(prompts)
 
 
+@pytest.mark.slow
 def test_model_that_stops_at_once_gives_empty_predictions(tiny_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -335,10 +344,11 @@ def test_model_that_stops_at_once_gives_empty_predictions(tiny_run, tmp_path):
     rows = read_jsonl(model_dir / "eval" / "predictions.jsonl")
     assert [(r["prediction"], r["prediction_tokens"], r["hit_max_new_tokens"]) for r in rows] == [("", 0, False)] * 5
     metrics = json.loads((model_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["model"] == {key: 0.0 for key, _ in ev.METRICS}
+    assert metrics["model"] == {key: 0.0 for key, _ in review_metrics.METRICS}
     assert metrics["empty_outputs"]["model"] == 5
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_metrics(run_copy):
     assert evaluate_in_process("--model_dir", str(run_copy), "--baselines_only") == 0
     metrics_file = run_copy / "eval" / "metrics.json"
@@ -353,6 +363,7 @@ def test_refuses_to_overwrite_metrics(run_copy):
     assert json.loads(metrics_file.read_text(encoding="utf-8"))["baseline_settings"]["seed"] == 7
 
 
+@pytest.mark.slow
 def test_baselines_only_needs_no_model_and_no_torch(tiny_run, tmp_path):
     run = tmp_path / "no_model"
     run.mkdir()
@@ -381,6 +392,7 @@ def _fake_run(tmp_path: Path, test_samples: object | None) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, content, message", [
     ("missing model_dir", None, "model folder not found"),
     ("no config.json", [{"prompt": "p", "reference": "r"}], "no config.json, not a model folder"),
@@ -402,6 +414,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, content, message):
     assert not (run / "eval").exists()
 
 
+@pytest.mark.slow
 def test_unloadable_model_exits_2_with_one_line(tmp_path):
     run = _fake_run(tmp_path, [{"prompt": "p", "reference": "r", "earlier_reviews": []}])  # config.json is "{}"
     result = run_cli("--model_dir", str(run))
@@ -411,6 +424,7 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
     assert not (run / "eval").exists()
 
 
+@pytest.mark.slow
 def test_baselines_only_without_earlier_reviews_exits_2(tmp_path):
     run = _fake_run(tmp_path, [{"prompt": "p", "reference": "r"}])
     result = run_cli("--model_dir", str(run), "--baselines_only")
@@ -420,6 +434,7 @@ def test_baselines_only_without_earlier_reviews_exits_2(tmp_path):
     assert not (run / "eval").exists()
 
 
+@pytest.mark.slow
 def test_compare_dir_without_metrics_exits_2(tmp_path):
     (tmp_path / "run").mkdir()
     result = run_cli("--compare", str(tmp_path / "run"), "--compare_out", str(tmp_path / "c.png"))
@@ -434,7 +449,7 @@ def test_compare_dir_without_metrics_exits_2(tmp_path):
 # --compare
 # --------------------------------------------------------------------------------------------------------------
 def _metrics(model: dict | None, digest: str = "same") -> dict:
-    keys = [k for k, _ in ev.METRICS]
+    keys = [k for k, _ in metrics.METRICS]
     return {
         "model": None if model is None else dict(zip(keys, model["values"], strict=True)),
         "baselines": {"last": dict(zip(keys, [1.5, 10, 20, 3, 15, 70, 95, 40], strict=True)),

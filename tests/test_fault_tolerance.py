@@ -17,7 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import (
+
+from review_lm import fault_tolerance as ft
+from review_lm import run_folder as rf
+from review_lm import tracking
+from review_lm.utils import UsageError
+from tests.helpers import (
     EXAMPLE,
     SCRIPT,
     assert_same_weights,
@@ -28,9 +33,6 @@ from test_train import (
     state_dict,
     write_drift_reviews,
 )
-
-import fault_tolerance as ft
-from run_utils import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -233,12 +235,12 @@ def test_resume_command_keeps_the_arguments_and_asks_for_the_latest_checkpoint()
 
 
 def test_wandb_run_id_is_stored_and_reused(tmp_path):
-    first = ft.wandb_run_id(str(tmp_path), resuming=False)
-    assert (tmp_path / ft.WANDB_ID_FILE).read_text().strip() == first
-    assert ft.wandb_run_id(str(tmp_path), resuming=True) == first
-    assert ft.wandb_run_id(str(tmp_path), resuming=False) != first  # a new run gets a new W&B run
+    first = tracking.wandb_run_id(str(tmp_path), resuming=False)
+    assert (tmp_path / rf.WANDB_ID_FILE).read_text().strip() == first
+    assert tracking.wandb_run_id(str(tmp_path), resuming=True) == first
+    assert tracking.wandb_run_id(str(tmp_path), resuming=False) != first  # a new run gets a new W&B run
     env: dict[str, str] = {}
-    ft.configure_wandb_resume(env, "abc123")
+    tracking.configure_wandb_resume(env, "abc123")
     assert env == {"WANDB_RUN_ID": "abc123", "WANDB_RESUME": "allow"}
 
 
@@ -366,7 +368,7 @@ def worker_pid(agent_pid: int, local_rank: int) -> int:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     """The same tiny model as test_train's fixture (built once for this module)."""
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)
@@ -457,7 +459,7 @@ def test_sigterm_mid_epoch_checkpoints_the_last_step_and_a_resume_completes(tmp_
     resumed = run_train(*common, "--resume_from_checkpoint", env=env, cwd=str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Both starts logged into the same W&B run: the id stored in output_dir (offline runs end with their id).
-    run_id = (out / ft.WANDB_ID_FILE).read_text().strip()
+    run_id = (out / rf.WANDB_ID_FILE).read_text().strip()
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), (runs, run_id)
     result = read_config(out)["result"]
@@ -486,6 +488,7 @@ def test_step_based_evaluation_early_stops_and_keeps_the_best_model(tmp_path, ti
     assert_same_weights(state_dict(out), state_dict(Path(result["best_checkpoint"])))
 
 
+@pytest.mark.slow
 def test_save_steps_not_a_multiple_of_eval_steps_is_refused_before_loading(tmp_path):
     out = tmp_path / "run"
     line = one_line_error(run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path",

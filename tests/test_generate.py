@@ -21,8 +21,10 @@ import pytest
 
 import data_loader_movie_review as dl
 import generate_review as gr
-import model_loading
-from tests.test_train import clean_env, one_line_error, run_train
+from review_lm import dataset as rd
+from review_lm import model_loading
+from review_lm import run_folder as rf
+from tests.helpers import clean_env, one_line_error, run_train
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "generate_review.py")
@@ -81,7 +83,7 @@ def two_users(example_data_file) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, two_users) -> Path:
     """One real (1-epoch) training run on a 2-user file, started from its own folder with a relative path."""
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     work = tmp_path_factory.mktemp("train")
     (work / "reviews.json").write_text(json.dumps(two_users, ensure_ascii=False), encoding="utf-8")
@@ -139,7 +141,7 @@ def test_prompt_equals_the_training_prompt_of_a_review_after_the_last(example_da
     builder = dl.PromptBuilder(use_profile, use_history)
     user = dl.load_review_file(str(example_data_file)).users[0]
     expected = with_new_review(example_users(example_data_file), "Y", MOVIE, tmp_path / "later.json")
-    enc = dl.encode_new_review(bpe_tokenizer, user, MOVIE, builder, None, 64)
+    enc = rd.encode_new_review(bpe_tokenizer, user, MOVIE, builder, None, 64)
     assert enc.prompt == builder.render(expected)
     assert enc.history_count == (28 if use_history else 0)
     # The ids fed to the model are the prompt's own tokens, nothing after them (no EOS, no target).
@@ -154,7 +156,7 @@ def test_budget_keeps_the_newest_history_that_leaves_room_for_the_review(example
     expected = with_new_review(example_users(example_data_file), "Y", MOVIE, tmp_path / "later.json")
     keep = fitting_history(bpe_tokenizer, builder, expected, max_length, max_new_tokens)
     assert 0 < keep < 28  # the budget drops old history but keeps some
-    enc = dl.encode_new_review(bpe_tokenizer, user, MOVIE, builder, max_length, max_new_tokens)
+    enc = rd.encode_new_review(bpe_tokenizer, user, MOVIE, builder, max_length, max_new_tokens)
     assert (enc.history_count, enc.prompt) == (keep, builder.render(expected, keep))
     assert enc.prompt_length + max_new_tokens <= max_length
 
@@ -162,7 +164,7 @@ def test_budget_keeps_the_newest_history_that_leaves_room_for_the_review(example
 def test_budget_without_room_for_the_prompt_is_a_clear_error(example_data_file, bpe_tokenizer):
     user = dl.load_review_file(str(example_data_file)).users[0]
     with pytest.raises(dl.ReviewDataError) as err:
-        dl.encode_new_review(bpe_tokenizer, user, MOVIE, dl.PromptBuilder(), 60, 40)
+        rd.encode_new_review(bpe_tokenizer, user, MOVIE, dl.PromptBuilder(), 60, 40)
     message = str(err.value)
     assert message.startswith("--max_length 60: user #0 (Y): leaves no room") and "--max_new_tokens 40" in message
 
@@ -203,13 +205,15 @@ def test_user_choice_names_the_users_and_shortens_long_lists():
 def test_data_files_list_or_string_resolved_from_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "a.json").write_text("[]", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
+    def record(files, recorded_abs):
+        return rf.RunRecord("run/training_config.json", True, True, 400, files, recorded_abs, {}, {})
+
     for recorded in ("a.json", ["a.json"]):
-        run = gr.RunSettings(True, True, 400, gr.as_path_list(recorded), [])
-        assert gr.resolve_data_files(None, run, "run") == ["a.json"]
-    moved = gr.RunSettings(True, True, 400, ["gone.json"], [str(tmp_path / "a.json")])
+        assert gr.resolve_data_files(None, record(rf._path_list(recorded), []), "run") == ["a.json"]
+    moved = record(["gone.json"], [str(tmp_path / "a.json")])
     assert gr.resolve_data_files(None, moved, "run") == [str(tmp_path / "a.json")]  # the recorded absolute path
     with pytest.raises(gr.UsageError, match=r"training data gone.json .* pass --data_file PATH$"):
-        gr.resolve_data_files(None, gr.RunSettings(True, True, 400, ["gone.json"], []), "run")
+        gr.resolve_data_files(None, record(["gone.json"], []), "run")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,6 +372,7 @@ def test_a_lora_adapter_run_generates_through_peft(hand_run, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, before the model loads
 # --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_or_unfinished_run_folder(tmp_path):
     assert "no such folder" in one_line_error(cli("--model_dir", str(tmp_path / "nope"), "--movie", MOVIE))
     (tmp_path / "checkpoint-2").mkdir()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import model_loading as ml
-from run_utils import UsageError
+from review_lm import model_loading as ml
+from review_lm import run_folder as rf
+from review_lm.utils import UsageError
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "example_movie_review_data.json")
 
@@ -23,17 +24,17 @@ def touch(folder: Path, *names: str) -> Path:
 
 
 @pytest.mark.parametrize("files, kind", [
-    (("config.json", "pytorch_model.bin"), ml.KIND_FULL),
-    (("config.json", "model.safetensors"), ml.KIND_FULL),
-    (("config.json", "model.safetensors.index.json"), ml.KIND_FULL),
-    (("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"), ml.KIND_ADAPTER),
+    (("config.json", "pytorch_model.bin"), rf.KIND_FULL),
+    (("config.json", "model.safetensors"), rf.KIND_FULL),
+    (("config.json", "model.safetensors.index.json"), rf.KIND_FULL),
+    (("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"), rf.KIND_ADAPTER),
     # A LoRA run with --merge_lora: the merged full model needs neither peft nor the base model.
-    (("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"), ml.KIND_FULL),
-    (("config.json",), ml.KIND_FULL),  # weights missing: the loader gives its own reason
+    (("adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"), rf.KIND_FULL),
+    (("config.json",), rf.KIND_FULL),  # weights missing: the loader gives its own reason
     (("tokenizer.json", "training_config.json"), None),
 ])
 def test_model_dir_kind(tmp_path, files, kind):
-    assert ml.model_dir_kind(str(touch(tmp_path / "run", *files))) == kind
+    assert rf.model_kind(str(touch(tmp_path / "run", *files))) == kind
 
 
 def test_check_model_dir_errors(tmp_path):
@@ -62,7 +63,7 @@ def test_base_model_source(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     return Path(make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                                 vocab_size=500))
@@ -105,7 +106,7 @@ def test_full_model_from_safetensors_and_from_bin_load_the_same(tiny, tmp_path):
     torch.save({k: v.contiguous() for k, v in state.items()}, as_bin / "pytorch_model.bin")  # as the trainer does
     (as_bin / "model.safetensors").unlink()
     a, b = ml.load_model_and_tokenizer(str(tiny)), ml.load_model_and_tokenizer(str(as_bin))
-    assert (a.kind, a.device, a.dtype, a.base_model) == (ml.KIND_FULL, "cpu", "fp32", None)
+    assert (a.kind, a.device, a.dtype, a.base_model) == (rf.KIND_FULL, "cpu", "fp32", None)
     assert a.summary == "loaded full model (cpu, fp32)"
     assert a.tokenizer.padding_side == "left" and a.tokenizer.pad_token_id is not None
     assert torch.equal(logits(a.model, a.tokenizer), logits(b.model, b.tokenizer))
@@ -120,7 +121,7 @@ def test_adapter_dir_loads_base_plus_adapter(tiny, adapter_dir):
 
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
     loaded = ml.load_model_and_tokenizer(str(adapter_dir))
-    assert loaded.kind == ml.KIND_ADAPTER and loaded.base_model == str(tiny)
+    assert loaded.kind == rf.KIND_ADAPTER and loaded.base_model == str(tiny)
     assert loaded.summary == f"loaded LoRA adapter on base model {tiny} (cpu, fp32)"
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny)), str(adapter_dir)).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tiny)).eval()
@@ -150,7 +151,7 @@ def test_adapter_with_a_moved_base_is_one_line_and_base_model_overrides(tiny, ad
 
 @pytest.mark.slow
 def test_adapter_on_the_wrong_base_is_one_line(adapter_dir, tmp_path):
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     other = make_tiny_model(str(tmp_path / "other"), tokenizer_kind="bpe", corpus=[EXAMPLE], vocab_size=500,
                             hidden_size=32)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import precision as pr
-from run_utils import UsageError
-from tests.test_train import (
+from review_lm import plan as rp
+from review_lm import precision as pr
+from review_lm.utils import UsageError
+from tests.helpers import (
     EXAMPLE,
     REPO,
     assert_same_weights,
@@ -76,7 +77,6 @@ def test_mixed_precision_computes_in_half_precision_for_flash_attention():
          "pip install torch-optimi"),
         ({"requested": "fp32", "cuda_available": True, "bf16_supported": True, "finetuning_type": "lora",
           "quantization_bit": 4}, "--quantization_bit 4"),
-        ({"requested": "fp8", "cuda_available": True, "bf16_supported": True}, "choose one of"),
         ({"requested": "bf16-pure", "cuda_available": True, "bf16_supported": True, "deepspeed": True},
          "DeepSpeed's bf16 mode"),
     ],
@@ -190,7 +190,7 @@ def test_kahan_bf16_pure_tracks_bf16_mixed_where_plain_adamw_drifts(probe_model,
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from tools.make_tiny_model import make_tiny_model
+    from review_lm.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)
@@ -245,12 +245,13 @@ def test_precision_run_trains_early_stops_resumes_and_evaluates(tmp_path, tiny_m
     assert metrics["num_samples"] == 5 and metrics["training_arguments"]["precision"] == mode
 
 
+@pytest.mark.slow
 def test_bf16_on_a_gpu_without_it_is_refused_before_loading(tmp_path, monkeypatch, capsys):
     """The decision runs before data and model: a bad --precision never loads anything."""
     import train_distributed_MovieReview as tr
 
-    monkeypatch.setattr(tr, "detect_runtime", lambda args: tr.plan_runtime(
-        args.disable_flash_attn, True, False, (7, 0), False, args.precision))
+    monkeypatch.setattr(tr, "probe_hardware", lambda args: rp.Hardware(cuda=True, bf16=False,
+                                                                      compute_capability=(7, 0)))
     monkeypatch.setattr(tr, "load_splits", lambda args: pytest.fail("data loaded before the precision check"))
     out = tmp_path / "run"
     code = tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--precision", "bf16-mixed",

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import data_loader_movie_review as dl
-import review_dataset as rd
-import train_distributed_MovieReview as tr
-from tests.test_train import EXAMPLE, one_line_error, read_config, run_train, tiny_model  # noqa: F401
+from review_lm import dataset as rd
+from review_lm import run_folder as rf
+from tests.eager_encoder import SampleTokenizer
+from tests.helpers import EXAMPLE, one_line_error, read_config, run_train
 from tools.bench_loader import review_pool, synthetic_user
 
 ABLATIONS = [(True, True), (True, False), (False, True), (False, False)]
@@ -21,7 +22,7 @@ BUDGETS = (None, 300, 100)
 
 
 def eager_and_lazy(splits, tokenizer, max_length, builder):
-    eager = dl.SampleTokenizer(tokenizer, max_length, builder)
+    eager = SampleTokenizer(tokenizer, max_length, builder)
     lazy = rd.build_datasets(splits, tokenizer, max_length, builder)
     return {name: eager.encode_split(samples) for name, samples in splits.items()}, lazy
 
@@ -70,7 +71,7 @@ def test_lazy_ids_equal_eager_ids_on_all_real_files(qwen_tokenizer, real_dir_spl
 def test_too_small_budget_is_the_eager_one_line_error(qwen_tokenizer, example_data_file):
     splits = dl.split_chronologically(dl.load_review_file(str(example_data_file)))
     with pytest.raises(dl.ReviewDataError) as eager:
-        dl.SampleTokenizer(qwen_tokenizer, 8).encode_split(splits["train"])
+        SampleTokenizer(qwen_tokenizer, 8).encode_split(splits["train"])
     with pytest.raises(dl.ReviewDataError) as lazy:
         rd.build_datasets(splits, qwen_tokenizer, 8)
     assert str(lazy.value) == str(eager.value)
@@ -107,7 +108,7 @@ def test_encoded_view_slices_and_indexes_like_a_list(bpe_tokenizer, example_data
 # --------------------------------------------------------------------------------------------------------------
 def test_lengths_come_without_assembling_any_sample(bpe_tokenizer, example_data_file, monkeypatch):
     splits = dl.split_chronologically(dl.load_review_file(str(example_data_file)))
-    eager = dl.SampleTokenizer(bpe_tokenizer, 250).encode_split(splits["train"])
+    eager = SampleTokenizer(bpe_tokenizer, 250).encode_split(splits["train"])
 
     def refuse(self, i):
         raise AssertionError("a sample was assembled")
@@ -117,7 +118,7 @@ def test_lengths_come_without_assembling_any_sample(bpe_tokenizer, example_data_
     assert lazy["train"].lengths.tolist() == [len(e.input_ids) for e in eager]
 
 
-def test_trainer_length_grouping_reads_dataset_lengths(tiny_model, bpe_tokenizer, example_data_file, tmp_path,  # noqa: F811
+def test_trainer_length_grouping_reads_dataset_lengths(tiny_model, bpe_tokenizer, example_data_file, tmp_path,
                                                        monkeypatch):
     """The mixin's sampler yields exactly the indices of Trainer's own sampler (which measures each sample by
     assembling it), for train and eval, and it assembles nothing."""
@@ -201,7 +202,7 @@ def test_thousands_of_users_load_without_materialising_samples(bpe_tokenizer, tm
     last = [s for s in splits["test"] if s.user.index >= users - 3]
     start = len(splits["test"]) - len(last)
     assert [datasets["test"].encoded(start + i) for i in range(len(last))] == \
-        dl.SampleTokenizer(bpe_tokenizer, None).encode_split(last)
+        SampleTokenizer(bpe_tokenizer, None).encode_split(last)
 
 
 @pytest.mark.slow
@@ -219,11 +220,11 @@ def test_storage_is_16_bytes_per_distinct_review_token_plus_a_fixed_cost_per_sam
 # The training script's data section
 # --------------------------------------------------------------------------------------------------------------
 def test_streamed_test_samples_file_is_byte_identical_to_one_json_dump(qwen_tokenizer, real_dir_splits, tmp_path):
-    encs = dl.SampleTokenizer(qwen_tokenizer, 300).encode_split(real_dir_splits["test"])
+    encs = SampleTokenizer(qwen_tokenizer, 300).encode_split(real_dir_splits["test"])
     records = [dl.sample_record(e) for e in encs]
     for name, items in (("some", encs), ("none", [])):
         path = tmp_path / f"{name}.json"
-        tr.write_test_samples(str(path), items)
+        rf.write_test_samples(str(path), items)
         expected = json.dumps([dl.sample_record(e) for e in items], ensure_ascii=False, indent=2) + "\n"
         assert path.read_text(encoding="utf-8") == expected
     assert json.loads((tmp_path / "some.json").read_text(encoding="utf-8")) == records
@@ -237,7 +238,7 @@ def _renamed_copy(src: str, dst: Path, name: str) -> str:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_train_in_step_on_two_files(tmp_path, tiny_model):  # noqa: F811
+def test_torchrun_two_processes_train_in_step_on_two_files(tmp_path, tiny_model):
     second = _renamed_copy(EXAMPLE, tmp_path / "z.json", "Z")
     out = tmp_path / "ddp"
     proc = run_train("--data_file", EXAMPLE, second, "--output_dir", str(out), "--model_path", tiny_model,
@@ -258,6 +259,7 @@ def test_torchrun_two_processes_train_in_step_on_two_files(tmp_path, tiny_model)
     assert [(s["user"], s["user_index"]) for s in saved] == [("Y", 0)] * 5 + [("Z", 1)] * 5
 
 
+@pytest.mark.slow
 def test_bad_file_among_several_is_named_before_the_model_loads(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"user": {"profile": {"name": "B"}}}]', encoding="utf-8")

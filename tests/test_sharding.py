@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 
 import pytest
-from test_train import EXAMPLE, read_config, run_train, tiny_model  # noqa: F401 - tiny_model is a fixture
 
-import sharding
 import train_distributed_MovieReview as tr
+from review_lm import sharding
+from tests.helpers import EXAMPLE, read_config, run_train
 
 ZERO2 = sharding.SHIPPED_DEEPSPEED_CONFIGS[2]
 ZERO3 = sharding.SHIPPED_DEEPSPEED_CONFIGS[3]
@@ -37,10 +37,23 @@ def test_no_sharding_by_default():
     assert sharding.training_kwargs(sharding.ShardingPlan("none"), set(), False) == {}
 
 
+@pytest.mark.parametrize(("fsdp", "deepspeed", "quantization_bit", "message"), [
+    (True, ZERO3, None, "--fsdp and --deepspeed are two ways of sharding: choose one"),
+    (True, None, 4, "cannot be combined with --fsdp"),
+    (False, ZERO2, 4, "cannot be combined with --deepspeed"),
+])
+def test_contradicting_sharding_flags_are_refused(fsdp, deepspeed, quantization_bit, message, tmp_path, capsys):
+    with pytest.raises(tr.UsageError, match=re.escape(message)):
+        sharding.check_combinations(fsdp, deepspeed, quantization_bit)
+    # ... and from the command line, before anything is read or written.
+    flags = (["--fsdp"] if fsdp else []) + (["--deepspeed", deepspeed] if deepspeed else [])
+    flags += ["--finetuning_type", "lora", "--quantization_bit", "4"] if quantization_bit else []
+    out = tmp_path / "out"
+    assert tr.main(["--data_file", "missing.json", "--output_dir", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"fsdp": True, "deepspeed": ZERO3}, "--fsdp and --deepspeed are two ways of sharding: choose one"),
-    ({"fsdp": True, "quantization_bit": 4}, "cannot be combined with --fsdp"),
-    ({"deepspeed": ZERO2, "config": {}, "quantization_bit": 4}, "cannot be combined with --deepspeed"),
     ({"fsdp": True, "cuda": False}, "--fsdp needs CUDA GPUs (on CPU accelerate would run plain DDP"),
     ({"deepspeed": ZERO2, "config": {}, "deepspeed_ok": False}, "needs the deepspeed package"),
     ({"deepspeed": ZERO2, "config": {}, "cuda": False}, "--deepspeed needs CUDA GPUs"),
@@ -53,7 +66,7 @@ def test_sharding_refusals_each_branch(kwargs, message):
         plan(**kwargs)
 
 
-def test_fsdp_plan_and_its_trainer_configuration(tiny_model):  # noqa: F811
+def test_fsdp_plan_and_its_trainer_configuration(tiny_model):
     """The kwargs reach TrainingArguments and accelerate wraps exactly the model's decoder blocks."""
     from accelerate import FullyShardedDataParallelPlugin
     from transformers import AutoModelForCausalLM, TrainingArguments
@@ -62,7 +75,7 @@ def test_fsdp_plan_and_its_trainer_configuration(tiny_model):  # noqa: F811
     assert fsdp.kind == "fsdp" and "FSDP full shard" in fsdp.describe()
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out", "--fsdp"])
-    kwargs = tr.sharding_kwargs(args, model, fsdp)
+    kwargs = sharding.model_training_kwargs(fsdp, model, args.gradient_checkpointing)
     assert kwargs["fsdp"] is True
     assert kwargs["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]  # from the model
     assert sharding.torch_supports_fsdp2() and kwargs["fsdp_config"]["version"] == 2  # torch 2.13: FSDP2
@@ -120,6 +133,7 @@ def test_deepspeed_config_file_errors(tmp_path):
         sharding.load_deepspeed_config(str(bad))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "message"), [
     (["--fsdp"], "--fsdp needs CUDA GPUs"),
     (["--fsdp", "--deepspeed", ZERO3], "choose one"),
@@ -141,7 +155,7 @@ def test_bad_sharding_flags_are_one_line_and_write_nothing(tmp_path, capsys, fla
 # Whole-weights save
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shard_size", [None, "100KB"])
-def test_full_weights_to_bin_rewrites_what_save_pretrained_wrote(tmp_path, tiny_model, shard_size):  # noqa: F811
+def test_full_weights_to_bin_rewrites_what_save_pretrained_wrote(tmp_path, tiny_model, shard_size):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -161,7 +175,7 @@ def test_full_weights_to_bin_rewrites_what_save_pretrained_wrote(tmp_path, tiny_
 # torchrun, 2 processes, LoRA
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_torchrun_two_processes_train_lora_in_step_and_save_a_loadable_adapter(tmp_path, tiny_model):  # noqa: F811
+def test_torchrun_two_processes_train_lora_in_step_and_save_a_loadable_adapter(tmp_path, tiny_model):
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file

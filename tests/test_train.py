@@ -8,92 +8,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import data_loader_movie_review as dl
 import train_distributed_MovieReview as tr
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = str(REPO / "train_distributed_MovieReview.py")
-EXAMPLE = str(REPO / "example_movie_review_data.json")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def run_train(*args: str, torchrun: int = 0, env: dict[str, str] | None = None, cwd: str | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               SCRIPT, *args]
-    else:
-        cmd = [sys.executable, SCRIPT, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or clean_env(),
-                          cwd=cwd or str(REPO), stdin=subprocess.DEVNULL)
-
-
-def write_reviews(path: Path, texts: list[str], name: str = "toy") -> str:
-    """A one-user review file in the spec's format, one review per day starting 2020-01-01."""
-    records = [
-        {"context": [], "continuation": text, "continuation_prefix": f"电影{i % 5}: ",
-         "timestamp": f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}"}
-        for i, text in enumerate(texts)
-    ]
-    user = {"user": {"profile": {"name": name}},
-            "task": {"description": "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式",
-                     "task_behavior_collections": [{"type": "movie_review", "data": records}]}}
-    path.write_text(json.dumps([user], ensure_ascii=False), encoding="utf-8")
-    return str(path)
-
-
-def write_drift_reviews(folder: Path) -> str:
-    """Train on one phrase, validate on another: the validation loss soon stops improving (early stopping)."""
-    return write_reviews(folder / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
-
-
-def read_config(out: Path) -> dict:
-    return json.loads((out / "training_config.json").read_text(encoding="utf-8"))
-
-
-def state_dict(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
-
-
-def assert_same_weights(a, b) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from tools.make_tiny_model import make_tiny_model
-
-    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
-                           vocab_size=1000, hidden_size=64, num_layers=2)
+from review_lm import model_loading as ml
+from review_lm import plan as rp
+from review_lm import run_folder as rf
+from review_lm import run_report, tracking
+from tests.eager_encoder import SampleTokenizer
+from tests.helpers import (
+    EXAMPLE,
+    assert_same_weights,
+    clean_env,
+    one_line_error,
+    read_config,
+    run_plan,
+    run_train,
+    state_dict,
+    write_drift_reviews,
+    write_reviews,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,24 +68,18 @@ def test_resume_flag_without_value_means_latest():
         == "out/checkpoint-4"
 
 
-def test_help_explains_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        tr.parse_args(["--help"])
-    text = capsys.readouterr().out
-    for flag in ("--data_file", "--train_ratio", "--val_ratio", "--test_ratio", "--model_path", "--output_dir",
-                 "--max_length", "--batch_size", "--gradient_accumulation_steps", "--learning_rate",
-                 "--max_epochs", "--warmup_steps", "--use_profile", "--use_history", "--no_profile",
-                 "--no_history", "--disable_flash_attn", "--wandb_project", "--wandb_run_name",
-                 "--early_stopping_patience", "--seed", "--resume_from_checkpoint", "--overwrite_output_dir",
-                 "--report_to", "--save_format", "--gradient_checkpointing", "--trust_remote_code"):
-        assert flag in text
-
-
-@pytest.mark.parametrize("argv", [["--batch_size", "0"], ["--max_epochs", "0"], ["--early_stopping_patience", "0"]])
-def test_invalid_numbers_are_rejected(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        tr.parse_args(["--data_file", "d.json", "--output_dir", "out", *argv])
-    assert exc.value.code == 2
+@pytest.mark.slow
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--max_epochs", "0"], "--max_epochs must be at least 1"),
+    (["--early_stopping_patience", "0"], "--early_stopping_patience >= 1"),
+])
+def test_invalid_numbers_are_rejected_before_anything_is_read(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tr, "load_splits", lambda args: pytest.fail("data read before the flags were checked"))
+    out = tmp_path / "out"
+    assert tr.main(["--data_file", "d.json", "--output_dir", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -164,14 +95,14 @@ def test_invalid_numbers_are_rejected(argv, capsys):
     ],
 )
 def test_attention_choice_each_branch(disable, installed, cuda, compute, capability, expected, reason_part):
-    attn, reason = tr.choose_attention(disable, installed, cuda, compute, capability)
+    attn, reason = rp.choose_attention(disable, installed, cuda, compute, capability)
     assert attn == expected
     assert reason_part in reason
 
 
 def test_runtime_plan_for_flash_attention_gpu():
     """bf16 GPU, full fine-tune: fp32 master weights, bf16 autocast, and FA2 still chosen (bf16 compute)."""
-    plan = tr.plan_runtime(disable_flash_attn=False, cuda_available=True, bf16_supported=True,
+    plan = rp.plan_runtime(disable_flash_attn=False, cuda_available=True, bf16_supported=True,
                            compute_capability=(9, 0), flash_attn_ok=True)
     assert (plan.attention, plan.precision.mode, plan.weights_dtype) == ("flash_attention_2", "bf16-mixed", "float32")
     assert plan.pad_to_multiple_of == 8
@@ -179,16 +110,16 @@ def test_runtime_plan_for_flash_attention_gpu():
 
 
 def test_runtime_plan_for_old_gpu_and_cpu():
-    v100 = tr.plan_runtime(False, True, False, (7, 0), True)
+    v100 = rp.plan_runtime(False, True, False, (7, 0), True)
     assert (v100.attention, v100.precision.mode, v100.weights_dtype) == ("sdpa", "fp16-mixed", "float32")
     assert v100.training_kwargs()["fp16"] is True
-    cpu = tr.plan_runtime(False, False, False, None, False)
+    cpu = rp.plan_runtime(False, False, False, None, False)
     assert (cpu.attention, cpu.precision.mode, cpu.device, cpu.pad_to_multiple_of) == ("sdpa", "fp32", "cpu", None)
     assert cpu.training_kwargs() == {"bf16": False, "fp16": False, "use_cpu": True, "dataloader_pin_memory": False}
 
 
 def test_flash_attention_with_pure_bf16_loads_bf16_weights():
-    plan = tr.plan_runtime(False, True, True, (8, 0), True, precision="bf16-pure")
+    plan = rp.plan_runtime(False, True, True, (8, 0), True, precision="bf16-pure")
     assert (plan.attention, plan.weights_dtype, plan.precision.optimizer) == \
         ("flash_attention_2", "bfloat16", "optimi_adamw_kahan")
 
@@ -201,7 +132,7 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
     seen = {}
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
                         lambda source, **kwargs: seen.update(source=source, **kwargs) or "model")
-    plan = tr.plan_runtime(False, True, True, (8, 0), True)
+    plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), True))
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out"])
     assert tr.load_model(args, "/models/qwen", True, plan) == "model"
     # bf16-mixed: fp32 master weights; FA2 runs on the bf16 activations autocast gives it.
@@ -213,31 +144,35 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
 def test_this_machine_falls_back_to_sdpa_without_flash_attn():
     import torch
 
-    plan = tr.detect_runtime(tr.parse_args(["--data_file", "d.json", "--output_dir", "out"]))
+    args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out"])
+    plan = rp.plan_hardware(args, rp.probe_hardware(args), world_size=1)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert (plan.attention, plan.attention_reason) == ("sdpa", "no CUDA GPU")
+    assert (plan.runtime.attention, plan.runtime.attention_reason) == ("sdpa", "no CUDA GPU")
 
 
 def test_model_source_local_folder_hub_and_offline(tmp_path, monkeypatch):
-    assert tr.model_source(str(tmp_path), {}) == (str(tmp_path), True)
+    def source(name, environ):
+        return ml.resolve_model_source(name, environ, f"--model_path {name}: no such local folder")
+
+    assert source(str(tmp_path), {}) == (str(tmp_path), True)
     with pytest.raises(tr.UsageError, match="no such local folder"):
-        tr.model_source("./no-such-model", {})
+        source("./no-such-model", {})
     probed = []
-    monkeypatch.setattr(tr, "hub_reachable", lambda endpoint: probed.append(endpoint) or False)
-    assert tr.model_source("Qwen/Qwen2.5-3B", {"HF_ENDPOINT": "https://hf-mirror.example"}) \
+    monkeypatch.setattr(ml, "hub_reachable", lambda endpoint: probed.append(endpoint) or False)
+    assert source("Qwen/Qwen2.5-3B", {"HF_ENDPOINT": "https://hf-mirror.example"}) \
         == ("Qwen/Qwen2.5-3B", True)  # unreachable hub: local cache only
     assert probed == ["https://hf-mirror.example"]
-    assert tr.model_source("Qwen/Qwen2.5-3B", {"HF_HUB_OFFLINE": "1"}) == ("Qwen/Qwen2.5-3B", True)
-    assert tr.model_source("Qwen/Qwen2.5-3B", {"HTTPS_PROXY": "http://proxy:3128"}) == ("Qwen/Qwen2.5-3B", False)
+    assert source("Qwen/Qwen2.5-3B", {"HF_HUB_OFFLINE": "1"}) == ("Qwen/Qwen2.5-3B", True)
+    assert source("Qwen/Qwen2.5-3B", {"HTTPS_PROXY": "http://proxy:3128"}) == ("Qwen/Qwen2.5-3B", False)
     assert len(probed) == 1  # neither offline mode nor a proxy probes the hub
-    monkeypatch.setattr(tr, "hub_reachable", lambda endpoint: True)
-    assert tr.model_source("Qwen/Qwen2.5-3B", {}) == ("Qwen/Qwen2.5-3B", False)
+    monkeypatch.setattr(ml, "hub_reachable", lambda endpoint: True)
+    assert source("Qwen/Qwen2.5-3B", {}) == ("Qwen/Qwen2.5-3B", False)
 
 
 def test_wandb_without_credentials_goes_offline(tmp_path):
     env = {"HOME": str(tmp_path), "NETRC": str(tmp_path / "missing-netrc")}
-    report_to, message = tr.configure_reporting(None, env, wandb_installed=True)
+    report_to, message = tracking.configure_reporting(None, env, wandb_installed=True)
     assert report_to == "wandb"
     assert env["WANDB_MODE"] == "offline"
     assert "offline" in message and "wandb sync" in message
@@ -245,29 +180,29 @@ def test_wandb_without_credentials_goes_offline(tmp_path):
 
 def test_wandb_with_key_or_netrc_stays_online(tmp_path):
     env = {"WANDB_API_KEY": "x" * 40}
-    assert tr.configure_reporting(None, env, True) == ("wandb", "W&B: logging online")
+    assert tracking.configure_reporting(None, env, True) == ("wandb", "W&B: logging online")
     assert "WANDB_MODE" not in env
     netrc_file = tmp_path / "netrc"
     netrc_file.write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
     netrc_file.chmod(0o600)
-    assert tr.wandb_logged_in({"NETRC": str(netrc_file)}) is True
-    assert tr.wandb_logged_in({"NETRC": str(netrc_file), "WANDB_BASE_URL": "https://wandb.example.org"}) is False
+    assert tracking.wandb_logged_in({"NETRC": str(netrc_file)}) is True
+    assert tracking.wandb_logged_in({"NETRC": str(netrc_file), "WANDB_BASE_URL": "https://wandb.example.org"}) is False
 
 
 def test_wandb_mode_and_report_to_none_are_respected():
     env = {"WANDB_MODE": "disabled"}
-    assert tr.configure_reporting(None, env, True)[0] == "wandb" and env["WANDB_MODE"] == "disabled"
+    assert tracking.configure_reporting(None, env, True)[0] == "wandb" and env["WANDB_MODE"] == "disabled"
     env = {}
-    assert tr.configure_reporting("none", env, True) == ("none", None) and env == {}
-    assert tr.configure_reporting(None, {}, wandb_installed=False)[0] == "none"
+    assert tracking.configure_reporting("none", env, True) == ("none", None) and env == {}
+    assert tracking.configure_reporting(None, {}, wandb_installed=False)[0] == "none"
     with pytest.raises(tr.UsageError, match="needs the wandb package"):
-        tr.configure_reporting("wandb", {}, wandb_installed=False)
+        tracking.configure_reporting("wandb", {}, wandb_installed=False)
 
 
 def test_optimizer_steps_per_epoch_counts_partial_accumulation():
-    assert tr.optimizer_steps_per_epoch(19, batch_size=2, world_size=1, accumulation=8) == 2  # 10 micro-batches
-    assert tr.optimizer_steps_per_epoch(19, batch_size=2, world_size=2, accumulation=8) == 1  # 5 per rank
-    assert tr.optimizer_steps_per_epoch(28, batch_size=1, world_size=1, accumulation=1) == 28
+    assert rp.optimizer_steps_per_epoch(19, batch_size=2, world_size=1, accumulation=8) == 2  # 10 micro-batches
+    assert rp.optimizer_steps_per_epoch(19, batch_size=2, world_size=2, accumulation=8) == 1  # 5 per rank
+    assert rp.optimizer_steps_per_epoch(28, batch_size=1, world_size=1, accumulation=1) == 28
 
 
 def test_epoch_losses_from_log_history():
@@ -277,29 +212,29 @@ def test_epoch_losses_from_log_history():
         {"loss": 1.0, "epoch": 3.0}, {"eval_loss": 2.4, "epoch": 3.0},
         {"train_loss": 2.0, "epoch": 3.0},
     ]
-    train, evaluation = tr.epoch_losses(history)
+    train, evaluation = run_report.epoch_losses(history)
     assert train == {1: 3.0, 2: 2.0, 3: 1.0}
     assert evaluation == {1: 2.5, 2: 2.2, 3: 2.4}
 
 
 def test_output_dir_guard(tmp_path):
     out = tmp_path / "run"
-    tr.check_output_dir(str(out), overwrite=False, resume=None)  # absent: fine
+    rf.check_output_dir(str(out), overwrite=False, resume=None)  # absent: fine
     out.mkdir()
     (out / "training_samples_preview.txt").write_text("x")
-    tr.check_output_dir(str(out), overwrite=False, resume=None)  # only a preview: nothing to lose
+    rf.check_output_dir(str(out), overwrite=False, resume=None)  # only a preview: nothing to lose
     (out / "checkpoint-2").mkdir()
     with pytest.raises(tr.UsageError, match="unfinished run"):
-        tr.check_output_dir(str(out), overwrite=False, resume=None)
-    tr.check_output_dir(str(out), overwrite=False, resume="latest")
+        rf.check_output_dir(str(out), overwrite=False, resume=None)
+    rf.check_output_dir(str(out), overwrite=False, resume="latest")
     (out / "training_config.json").write_text("{}")
     with pytest.raises(tr.UsageError, match="finished run"):
-        tr.check_output_dir(str(out), overwrite=False, resume=None)
-    tr.check_output_dir(str(out), overwrite=True, resume=None)
+        rf.check_output_dir(str(out), overwrite=False, resume=None)
+    rf.check_output_dir(str(out), overwrite=True, resume=None)
     with pytest.raises(tr.UsageError, match="no checkpoint"):
-        tr.check_output_dir(str(tmp_path / "empty"), overwrite=False, resume="latest")
+        rf.check_output_dir(str(tmp_path / "empty"), overwrite=False, resume="latest")
     with pytest.raises(tr.UsageError, match="no such checkpoint"):
-        tr.check_output_dir(str(out), overwrite=False, resume=str(out / "checkpoint-99"))
+        rf.check_output_dir(str(out), overwrite=False, resume=str(out / "checkpoint-99"))
 
 
 def test_overwrite_removes_only_run_files(tmp_path):
@@ -308,7 +243,7 @@ def test_overwrite_removes_only_run_files(tmp_path):
     (tmp_path / "checkpoint-7").mkdir()
     (tmp_path / "my-checkpoint-notes").mkdir()
     (tmp_path / "README.md").write_text("my own notes")
-    removed = tr.remove_previous_run(str(tmp_path))
+    removed = rf.remove_previous_run(str(tmp_path))
     assert removed == ["checkpoint-7", "loss_curve.png", "pytorch_model.bin", "training_config.json"]
     assert sorted(os.listdir(tmp_path)) == ["README.md", "my-checkpoint-notes", "notes.txt"]
 
@@ -317,7 +252,7 @@ def test_overwrite_of_a_lora_run_removes_peft_model_card_too(tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "merged").mkdir()
-    removed = tr.remove_previous_run(str(tmp_path))
+    removed = rf.remove_previous_run(str(tmp_path))
     assert removed == ["README.md", "adapter_config.json", "adapter_model.safetensors", "merged"]
     assert os.listdir(tmp_path) == ["notes.txt"]
 
@@ -362,6 +297,7 @@ def test_small_data_warns_when_warmup_outlasts_training(tmp_path, tiny_model, ca
     assert "Consider --warmup_steps 10" in caplog.text
 
 
+@pytest.mark.slow
 def test_overwrite_output_dir_clears_previous_run(tmp_path, tiny_model):
     out = tmp_path / "old"
     out.mkdir()
@@ -386,6 +322,7 @@ def example_run(tmp_path_factory, tiny_model) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_every_spec_output(example_run):
     names = set(os.listdir(example_run))
     for name in ("pytorch_model.bin", "config.json", "training_config.json", "test_samples.json",
@@ -396,6 +333,7 @@ def test_single_process_run_writes_every_spec_output(example_run):
     assert not any(n.endswith(".tmp") for n in names)
 
 
+@pytest.mark.slow
 def test_saved_model_loads_and_is_the_best_checkpoint(example_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -406,6 +344,7 @@ def test_saved_model_loads_and_is_the_best_checkpoint(example_run):
     assert_same_weights(model.state_dict(), state_dict(Path(best)))
 
 
+@pytest.mark.slow
 def test_training_config_records_arguments_facts_and_losses(example_run):
     config = read_config(example_run)
     args = config["arguments"]
@@ -423,30 +362,33 @@ def test_training_config_records_arguments_facts_and_losses(example_run):
     assert config["versions"]["transformers"].startswith("5.")
 
 
+@pytest.mark.slow
 def test_test_samples_are_the_five_newest_reviews_as_the_loader_builds_them(example_run):
     from transformers import AutoTokenizer
 
     saved = json.loads((example_run / "test_samples.json").read_text(encoding="utf-8"))
     data = dl.load_review_file(EXAMPLE)
     splits = dl.split_chronologically(data)
-    encoder = dl.SampleTokenizer(AutoTokenizer.from_pretrained(str(example_run)), 4096)
+    encoder = SampleTokenizer(AutoTokenizer.from_pretrained(str(example_run)), 4096)
     assert saved == [dl.sample_record(e) for e in encoder.encode_split(splits["test"])]
     assert len(saved) == 5
     assert [s["movie"] for s in saved] == [r.movie for r in data.users[0].reviews[-5:]]
 
 
+@pytest.mark.slow
 def test_preview_shows_first_training_samples_with_token_counts(example_run):
     from transformers import AutoTokenizer
 
     text = (example_run / "training_samples_preview.txt").read_text(encoding="utf-8")
     data = dl.load_review_file(EXAMPLE)
-    first = dl.SampleTokenizer(AutoTokenizer.from_pretrained(str(example_run)), 4096).encode(
+    first = SampleTokenizer(AutoTokenizer.from_pretrained(str(example_run)), 4096).encode(
         dl.split_chronologically(data)["train"][0])
     assert "训练样本 1/19" in text and "训练样本 3/19" in text and "训练样本 4/19" not in text
     assert first.prompt in text and "boring" in text
     assert f"prompt {first.prompt_length} + target {len(first.input_ids) - first.prompt_length}" in text
 
 
+@pytest.mark.slow
 def test_loss_curve_is_an_image(example_run):
     from PIL import Image
 
@@ -455,6 +397,7 @@ def test_loss_curve_is_an_image(example_run):
         assert image.width > 300 and image.height > 200
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(example_run, tiny_model):
     marker = example_run / "training_config.json"
     before = marker.stat().st_mtime_ns
@@ -464,6 +407,7 @@ def test_finished_run_is_not_overwritten(example_run, tiny_model):
     assert marker.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_a_learnable_set(tmp_path, tiny_model):
     data = write_reviews(tmp_path / "toy.json", ["好看好看好看"] * 30)
     out = tmp_path / "run"
@@ -475,6 +419,7 @@ def test_training_lowers_the_loss_on_a_learnable_set(tmp_path, tiny_model):
     assert losses["6"] < 0.5 * losses["1"], losses
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best_model(tmp_path, tiny_model):
     data = write_drift_reviews(tmp_path)
     out = tmp_path / "run"
@@ -493,6 +438,7 @@ def test_early_stopping_stops_and_keeps_the_best_model(tmp_path, tiny_model):
     assert_same_weights(state_dict(out), state_dict(Path(result["best_checkpoint"])))
 
 
+@pytest.mark.slow
 def test_empty_validation_split_trains_every_epoch_without_early_stopping(tmp_path, tiny_model):
     out = tmp_path / "run"
     proc = run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
@@ -508,6 +454,7 @@ def test_empty_validation_split_trains_every_epoch_without_early_stopping(tmp_pa
     assert_same_weights(state_dict(out), state_dict(out / "checkpoint-4"))
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, tiny_model):
     out = tmp_path / "run"
     common = ["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--warmup_steps", "0",
@@ -523,9 +470,9 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path, tiny_model):
     for epoch in ("1", "2"):
         assert after["train_loss_per_epoch"][epoch] == before["train_loss_per_epoch"][epoch]
         assert after["eval_loss_per_epoch"][epoch] == before["eval_loss_per_epoch"][epoch]
-    assert after["train_runtime_s"] < before["train_runtime_s"] * 3
 
 
+@pytest.mark.slow
 def test_unfinished_run_needs_resume_or_overwrite(tmp_path, tiny_model):
     out = tmp_path / "run"
     (out / "checkpoint-3").mkdir(parents=True)
@@ -534,6 +481,7 @@ def test_unfinished_run_needs_resume_or_overwrite(tmp_path, tiny_model):
     assert os.listdir(out) == ["checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_in_step(tmp_path, tiny_model):
     out = tmp_path / "ddp"
     proc = run_train("--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
@@ -550,6 +498,7 @@ def test_torchrun_two_processes_train_in_step(tmp_path, tiny_model):
     assert "world size 2" in proc.stderr
 
 
+@pytest.mark.slow
 def test_wandb_offline_fallback_never_blocks_and_keeps_secrets_out(tmp_path, tiny_model):
     out = tmp_path / "run"
     env = clean_env(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), HF_TOKEN="hf_SECRET_token_123")
@@ -568,6 +517,7 @@ def test_wandb_offline_fallback_never_blocks_and_keeps_secrets_out(tmp_path, tin
             assert b"hf_SECRET_token_123" not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_model):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"user": {"profile": {"name": "Y"}}, "task": {"description": "d", '
@@ -580,6 +530,7 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_model):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_model_folder_is_one_line(tmp_path):
     out = tmp_path / "run"
     line = one_line_error(run_train("--data_file", EXAMPLE, "--output_dir", str(out),

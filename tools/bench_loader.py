@@ -33,47 +33,16 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import data_loader_movie_review as dl  # noqa: E402
+from review_lm.synthetic import REPO, review_pool, synthetic_user  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_DIR = os.path.join(REPO, "..", "shared", "data", "douban_dmr")
-REAL_DATA = os.path.join(REAL_DIR, "multi_user_4.json")
-TASK = "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式"
 OLD_REF = "22f8345"  # the last commit before issue 9 (eager samples, one input file)
-
-
-def review_pool(all_files: bool = False) -> list[dict]:
-    """Non-empty real review records: multi_user_4.json (or every file of ../shared/data/douban_dmr)."""
-    if all_files and os.path.isdir(REAL_DIR):
-        paths = sorted(os.path.join(REAL_DIR, n) for n in os.listdir(REAL_DIR) if n.endswith(".json"))
-    else:
-        paths = [REAL_DATA if os.path.exists(REAL_DATA) else os.path.join(REPO, "example_movie_review_data.json")]
-    pool = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            users = json.load(f)
-        pool += [r for u in users for c in u["task"]["task_behavior_collections"] for r in c["data"]
-                 if r["continuation"].strip()]
-    return pool
-
-
-def synthetic_user(pool: list[dict], n: int, name: str = "bench", start: int = 0, distinct: bool = False) -> dict:
-    """``n`` reviews from ``pool`` (cycled from ``start``), one a day; ``distinct`` makes every text unique."""
-    records = []
-    for i in range(n):
-        r = dict(pool[(start + i) % len(pool)])
-        r["timestamp"] = f"{2000 + i // 336}-{1 + (i // 28) % 12:02d}-{1 + i % 28:02d}"
-        if distinct:
-            r["continuation"] = f"{r['continuation']} ({name}-{i})"
-        records.append(r)
-    return {"user": {"profile": {"name": name}},
-            "task": {"description": TASK, "task_behavior_collections": [{"type": "movie_review", "data": records}]}}
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Mode 1: one growing user
 # ------------------------------------------------------------------------------------------------------------
 def bench_sizes(args) -> int:
-    from tools.make_tiny_model import load_qwen_tokenizer
+    from review_lm.tiny_model import load_qwen_tokenizer
 
     tokenizer = load_qwen_tokenizer()
     pool = review_pool()
@@ -124,7 +93,7 @@ def write_synthetic_file(path: str, users: int, reviews: int, distinct: bool) ->
 def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
     """Runs in a fresh process: JSON file -> training-ready dataset, new or old path."""
     t0 = time.perf_counter()
-    from tools.make_tiny_model import load_qwen_tokenizer
+    from review_lm.tiny_model import load_qwen_tokenizer
 
     tokenizer = load_qwen_tokenizer()
     t_tok = time.perf_counter()
@@ -143,7 +112,7 @@ def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
         t_end, peak, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cpu_seconds()
         extra = {"prompt_tokens": sum(len(f["input_ids"]) for v in ready.values() for f in v)}
     else:
-        import review_dataset as rd
+        from review_lm import dataset as rd
 
         data = dl.load_review_data(path)
         splits = dl.split_chronologically(data)

@@ -121,7 +121,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     import train_distributed_MovieReview as tr
-    from tools.make_tiny_model import load_qwen_tokenizer
+    from review_lm.tiny_model import load_qwen_tokenizer
 
     config, case = spec["config"], Case(**spec["case"])
     out = tempfile.mkdtemp(prefix="bench-")

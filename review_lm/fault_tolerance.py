@@ -1,5 +1,5 @@
 """Long runs survive faults: complete-checkpoint detection, elastic-restart resume, graceful SIGTERM/SIGINT stop,
-checkpoint/evaluation cadence and a stable W&B run id.
+checkpoint/evaluation cadence.
 
 What transformers 5.24 guarantees (read in ``Trainer._save_checkpoint``): nothing atomic. A checkpoint is written
 straight into ``output_dir/checkpoint-N`` (no temporary folder, no rename), in this order: the model files
@@ -21,23 +21,26 @@ import json
 import logging
 import os
 import re
-import secrets
 import shlex
 import signal
-import string
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import ADAPTER_WEIGHT_FILES, WEIGHT_FILES, WEIGHT_INDEXES, UsageError, write_text_atomic
+from review_lm.run_folder import (
+    ADAPTER_WEIGHT_FILES,
+    CHECKPOINT_RE,
+    FSDP_WEIGHTS_PREFIX,
+    TRAINER_STATE,
+    WEIGHT_FILES,
+    WEIGHT_INDEXES,
+)
+from review_lm.utils import UsageError
 
 logger = logging.getLogger("movie_review")
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence means rank 0 finished the save
-WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
 # Weight files of a full model, an adapter (LoRA) or an FSDP sharded state, in Trainer's naming.
 _WEIGHTS = (*WEIGHT_FILES, *ADAPTER_WEIGHT_FILES)
 
@@ -94,7 +97,7 @@ def _weights_problem(folder: str, names: set[str]) -> str | None:
             return None
     present = [n for n in _WEIGHTS if n in names]
     if not present:
-        if any(n.startswith("pytorch_model_fsdp") for n in names):  # FSDP sharded state dict (a folder)
+        if any(n.startswith(FSDP_WEIGHTS_PREFIX) for n in names):  # FSDP sharded state dict (a folder)
             return None
         return "no model weights"
     for name in present:
@@ -290,8 +293,6 @@ def checkpoint_schedule(save_steps: int, eval_steps: int, has_val: bool) -> dict
     Reloading the best model at the end needs an evaluation at every checkpoint (transformers requires
     matching strategies and save_steps a multiple of eval_steps), so a step given for one is used for both.
     """
-    if save_steps < 0 or eval_steps < 0:
-        raise UsageError("--save_steps and --eval_steps must be >= 0 (0: once per epoch)")
     if has_val and save_steps and eval_steps and save_steps % eval_steps:
         raise UsageError(f"--save_steps {save_steps} must be a multiple of --eval_steps {eval_steps}: the best "
                          "model is reloaded at the end, so every checkpoint needs an evaluation")
@@ -444,25 +445,3 @@ def graceful_stop_callback(exit_now: Callable[[int], None] = os._exit) -> Gracef
 
     callback_class = type("GracefulStopCallback", (GracefulStop, TrainerCallback), {})
     return callback_class(exit_now)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# W&B run id
-# --------------------------------------------------------------------------------------------------------------
-def wandb_run_id(output_dir: str, resuming: bool) -> str:
-    """The W&B run id for this output_dir: the stored one when resuming, else a new one (stored for later)."""
-    path = os.path.join(output_dir, WANDB_ID_FILE)
-    if resuming and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            stored = f.read().strip()
-        if re.fullmatch(r"[a-z0-9]{1,64}", stored):
-            return stored
-    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    write_text_atomic(path, run_id + "\n")
-    return run_id
-
-
-def configure_wandb_resume(environ: dict[str, str], run_id: str) -> None:
-    """wandb.init (called by transformers' WandbCallback) reads these documented environment variables."""
-    environ["WANDB_RUN_ID"] = run_id
-    environ["WANDB_RESUME"] = "allow"

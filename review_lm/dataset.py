@@ -1,9 +1,10 @@
 """Training-ready samples for thousands of users: token pieces stored once, each sample assembled on demand.
 
-``data_loader_movie_review.SampleTokenizer`` (the eager reference) returns every sample's ``input_ids`` and
-``labels`` as Python lists. A user's n-th sample repeats all n-1 earlier reviews, so that storage grows with
-reviews x history: 100,000 samples at ``--max_length 4096`` hold 189 M prompt tokens (3.5 GB of Python ints).
-Here the data is kept at the size of the data:
+The one encoder of the project (training, evaluation's test prompts and generation's new-review prompt). A
+user's n-th sample repeats all n-1 earlier reviews, so storing every sample's ``input_ids`` and ``labels`` as
+Python lists (the eager encoder, kept as the tests' oracle in ``tests/eager_encoder.py``) grows with reviews x
+history: 100,000 samples at ``--max_length 4096`` hold 189 M prompt tokens (3.5 GB of Python ints). Here the data
+is kept at the size of the data:
 
 * :class:`PieceStore` - every distinct text piece of the prompt (a user's header, a history line, a history
   title, a request, a target review) is tokenized once, in batches through the tokenizer's batch call (the fast
@@ -13,6 +14,13 @@ Here the data is kept at the size of the data:
 * :class:`ReviewDataset` - one split: per sample only a few integers (its review, how many history items fit,
   the target length, the prompt length, the total length). ``dataset[i]`` gathers the pieces into
   ``{"input_ids": [...], "labels": [...]}`` (plain lists of ints, what transformers' collators expect).
+
+Budget: ``input_ids = prompt + target + [EOS]``; the most recent history items that fit in ``max_length`` are
+kept ("(N条)" shows how many); the target is never dropped, only truncated if it alone does not fit. Labels are
+-100 on the prompt and equal to the ids on the target and EOS; they come from spans, never from masking pad ids,
+so EOS stays labelled when the pad id equals the EOS id (Qwen2.5 base). Piece boundaries sit just after a
+newline (see ``PromptBuilder``), so the assembled ids equal ``tokenizer(prompt)`` for BPE tokenizers with
+GPT-2/Qwen-style pre-tokenisation (:func:`prompt_text_mismatches` counts exceptions).
 
 The ids are exactly the eager path's (same pieces, same budget rule: the most recent history items that fit,
 found with the same binary search, run for all samples at once with numpy); ``tests/test_review_dataset.py``
@@ -39,6 +47,7 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +57,28 @@ from tqdm.auto import tqdm
 import data_loader_movie_review as dl
 
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
+PROMPT_CHECK_SAMPLES = 32  # training prompts re-tokenized as text to check they match the assembled ids
+
+
+@dataclass
+class EncodedSample:
+    """One sample's ids and labels with what they came from (the form the preview and test_samples.json take)."""
+
+    sample: dl.Sample
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int  # tokens before the target
+    history_count: int  # history items kept in the prompt
+    target_truncated: bool
+    builder: dl.PromptBuilder = field(default=dl.PromptBuilder(), repr=False)  # the builder the ids came from
+
+    @property
+    def prompt(self) -> str:
+        """The rendered prompt these ids came from (same history items)."""
+        return self.builder.render(self.sample, self.history_count)
+
+    def as_features(self) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
 
 
 class PieceStore:
@@ -216,7 +247,10 @@ class ReviewDataset(torch.utils.data.Dataset):
         self.lengths = (prompt + target + 1).astype(np.int32)
 
     def _history_count(self, n: np.ndarray, available: np.ndarray) -> np.ndarray:
-        """SampleTokenizer._history_count for every sample at once: the same binary search, elementwise."""
+        """How many of the most recent history items fit in ``available`` tokens, for every sample at once.
+
+        The cost of k items (title included) grows with k, so a binary search per sample finds the largest k
+        that fits, run elementwise with numpy."""
         t, g, lens = self.tokens, self.review, self.tokens.piece_lengths
         lo, hi = np.zeros_like(n), n.copy()
         active = np.nonzero(lo < hi)[0]
@@ -265,13 +299,13 @@ class ReviewDataset(torch.utils.data.Dataset):
         prompt = int(self.prompt_length[i])
         return {"input_ids": ids, "labels": [dl.IGNORE_INDEX] * prompt + ids[prompt:]}
 
-    def encoded(self, i: int) -> dl.EncodedSample:
-        """Sample ``i`` as the eager ``SampleTokenizer`` encodes it (equal in every field)."""
+    def encoded(self, i: int) -> EncodedSample:
+        """Sample ``i`` with what it came from (equal in every field to the eager oracle's)."""
         if self.samples is None:
             raise RuntimeError("release_texts() dropped the samples: only input_ids / labels remain")
         item = self[i]
         i = i % len(self)
-        return dl.EncodedSample(self.samples[i], item["input_ids"], item["labels"], int(self.prompt_length[i]),
+        return EncodedSample(self.samples[i], item["input_ids"], item["labels"], int(self.prompt_length[i]),
                                 int(self.history_count[i]), bool(self.truncated[i]), self.tokens.builder)
 
     def encoded_samples(self) -> EncodedView:
@@ -310,7 +344,7 @@ class EncodedView(Sequence):
             return [self.dataset.encoded(j) for j in range(*i.indices(len(self)))]
         return self.dataset.encoded(i)
 
-    def __iter__(self) -> Iterator[dl.EncodedSample]:
+    def __iter__(self) -> Iterator[EncodedSample]:
         return (self.dataset.encoded(j) for j in range(len(self)))
 
 
@@ -328,6 +362,71 @@ def build_datasets(splits: dict[str, list[dl.Sample]], tokenizer, max_length: in
     tokens = ReviewTokens(list(users.values()), tokenizer, builder)
     return {name: ReviewDataset(samples, tokens, tokenizer.eos_token_id, max_length)
             for name, samples in splits.items()}
+
+
+def prompt_text_mismatches(tokenizer, encoded: Sequence[EncodedSample]) -> int:
+    """How many samples' prompt ids differ from ``tokenizer(prompt)``.
+
+    Zero for Qwen-style BPE tokenizers; a tokenizer whose pre-tokenisation crosses newlines may differ, and
+    then generation from the prompt *text* (evaluation) sees slightly different ids than training did.
+    """
+    return sum(tokenizer(e.prompt, add_special_tokens=False)["input_ids"] != e.input_ids[:e.prompt_length]
+               for e in encoded)
+
+
+@dataclass
+class PreparedData:
+    """A training run's data: the texts (rank 0 writes the data files from them) and each split's dataset."""
+
+    data: dl.ReviewData | None  # None after release_texts()
+    splits: dict[str, list[dl.Sample]]
+    datasets: dict[str, ReviewDataset]  # compact token pieces; samples assembled when read
+    truncated_targets: int
+    text_mismatches: int = 0  # prompts whose text tokenizes differently than their assembled ids ...
+    text_checked: int = 0  # ... of the first this many training prompts
+
+    def release_texts(self) -> None:
+        """Keep only the compact token arrays (ranks that write no text files need nothing else)."""
+        self.data, self.splits = None, {}
+        for ds in self.datasets.values():
+            ds.release_texts()
+
+    def encoded(self, split: str) -> EncodedView:
+        """The split's samples as EncodedSample (assembled on access, never all held)."""
+        return self.datasets[split].encoded_samples()
+
+    def size(self, split: str) -> int:
+        return len(self.datasets[split])
+
+
+def prepare_data(data: dl.ReviewData, splits: dict[str, list[dl.Sample]], tokenizer, max_length: int | None,
+                 builder: dl.PromptBuilder) -> PreparedData:
+    """Token pieces for every split. Every torchrun rank runs this itself (cheap and deterministic; see the
+    module docstring for why not rank 0 + a cache)."""
+    datasets = build_datasets(splits, tokenizer, max_length, builder)
+    train = datasets["train"]
+    checked = [train.encoded(i) for i in range(min(PROMPT_CHECK_SAMPLES, len(train)))]
+    return PreparedData(data, splits, datasets, sum(ds.truncated_targets for ds in datasets.values()),
+                        prompt_text_mismatches(tokenizer, checked), len(checked))
+
+
+def encode_new_review(tokenizer, user: dl.UserHistory, movie: str, builder: dl.PromptBuilder,
+                      max_length: int | None, max_new_tokens: int) -> EncodedSample:
+    """Prompt text and ids for a new review of ``movie``: ``enc.prompt`` and ``enc.input_ids[:enc.prompt_length]``.
+
+    Budget: prompt + ``max_new_tokens`` <= ``max_length`` (the run's --max_length with room kept for the
+    review), the most recent history that fits is kept, exactly as in training. The budget holds prompt +
+    target + EOS; with an empty target, a budget of ``max_length - max_new_tokens + 1`` leaves the prompt
+    ``max_length - max_new_tokens`` tokens. ``max_length=None``: the whole history.
+    """
+    budget = None if max_length is None else max_length - max_new_tokens + 1
+    try:
+        datasets = build_datasets({"new": [dl.new_review_sample(user, movie)]}, tokenizer, budget, builder)
+    except dl.ReviewDataError:  # the message would name the reduced budget: say it in the user's terms
+        raise dl.ReviewDataError(f"--max_length {max_length}", f"leaves no room for the prompt for {movie!r} "
+                                 f"(even without history) plus --max_new_tokens {max_new_tokens}",
+                                 user.index, user.name) from None
+    return datasets["new"].encoded(0)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -19,24 +19,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHT_FILES,
-    WEIGHT_FILES,
-    WEIGHT_INDEXES,
-    UsageError,
-    importable,
-)
+from review_lm import run_folder
+from review_lm.utils import UsageError, importable
 
 FINETUNING_TYPES = ("full", "lora")
 # Defaults of the LoRA flags, kept here so that check_flags can tell a flag the user set from its default.
 LORA_DEFAULTS: dict[str, Any] = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target": None}
-ADAPTER_WEIGHTS = ADAPTER_WEIGHT_FILES[0]  # what peft's save_pretrained writes
-MERGED_DIR = "merged"  # --merge_lora output, beside the adapter (see save_merged_model for why not on top of it)
-# What a LoRA run adds to the output folder. peft also writes a model card, README.md: removed on overwrite only
-# beside an adapter_config.json (a README.md of the user's own is never ours to delete).
-ADAPTER_ARTIFACTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR)
-ADAPTER_MODEL_CARD = "README.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,46 +79,40 @@ def parse_targets(lora_target: str | None) -> list[str] | None:
 
 @dataclass(frozen=True)
 class QuantizationPlan:
-    """How the frozen base is quantized for QLoRA (bitsandbytes 4-bit)."""
+    """How the frozen base is quantized for QLoRA (bitsandbytes 4-bit).
+
+    The dtype the 4-bit weights are de-quantized to for each matmul is the run's half precision, decided by the
+    precision plan alone (``PrecisionPlan.torch_compute_dtype``: bf16 as in the QLoRA paper, fp16 on GPUs
+    without bf16 or under ``--precision fp16-mixed``) and passed in where the config is built.
+    """
 
     bits: int
-    compute_dtype: str  # dtype the 4-bit weights are de-quantized to for each matmul
 
-    def bnb_kwargs(self) -> dict[str, Any]:
+    def bnb_kwargs(self, compute_dtype: str) -> dict[str, Any]:
         """Keyword arguments of transformers' ``BitsAndBytesConfig`` (the QLoRA paper's recipe)."""
         return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                "bnb_4bit_compute_dtype": self.compute_dtype}
+                "bnb_4bit_compute_dtype": compute_dtype}
 
 
-def plan_quantization(quantization_bit: int | None, finetuning_type: str, cuda_available: bool,
-                      bnb_importable: bool, bf16_supported: bool) -> QuantizationPlan | None:
+def plan_quantization(quantization_bit: int | None, cuda_available: bool,
+                      bnb_importable: bool) -> QuantizationPlan | None:
     """None without --quantization_bit; a QuantizationPlan where QLoRA can run; UsageError everywhere else."""
     if quantization_bit is None:
         return None
-    if finetuning_type != "lora":
-        raise UsageError(f"--quantization_bit {quantization_bit} (QLoRA) needs --finetuning_type lora")
-    if quantization_bit != 4:
-        raise UsageError(f"--quantization_bit {quantization_bit}: only 4 (NF4) is supported")
+    # QLoRA without --finetuning_type lora is refused by check_flags, a bit width other than 4 by argparse.
     if not cuda_available:
         raise UsageError("--quantization_bit 4 needs a CUDA GPU (bitsandbytes 4-bit kernels); without one use "
                          "--finetuning_type lora alone")
     if not bnb_importable:
         raise UsageError("--quantization_bit 4 needs the bitsandbytes package (pip install bitsandbytes)")
-    # bf16 compute as in the QLoRA paper; GPUs without bf16 (before Ampere) compute in fp16 instead.
-    return QuantizationPlan(4, "bfloat16" if bf16_supported else "float16")
+    return QuantizationPlan(4)
 
 
 def checkpoint_kind(checkpoint_dir: str) -> str | None:
-    """'lora' for a checkpoint holding an adapter, 'full' for one holding model weights, None if neither."""
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    names = set(os.listdir(checkpoint_dir))
-    if ADAPTER_CONFIG in names:
-        return "lora"
-    if names & {*WEIGHT_FILES, *WEIGHT_INDEXES} or any(
-            n.startswith("pytorch_model_fsdp") for n in names):
-        return "full"
-    return None
+    """The fine-tuning type ('lora' / 'full') a checkpoint was written by, from the run folder's one
+    classifier (:func:`run_folder.model_kind`); None if it holds no model."""
+    kind = run_folder.model_kind(checkpoint_dir)
+    return {run_folder.KIND_ADAPTER: "lora", run_folder.KIND_FULL: "full"}.get(kind) if kind else None
 
 
 def check_resume(checkpoint: str | None, finetuning_type: str) -> None:
@@ -207,17 +189,19 @@ def bitsandbytes_importable() -> bool:
     return importable("bitsandbytes")
 
 
-def quantization_load_kwargs(plan: QuantizationPlan | None, local_rank: int) -> dict[str, Any]:
+def quantization_load_kwargs(plan: QuantizationPlan | None, compute_dtype: str, local_rank: int) -> dict[str, Any]:
     """Extra from_pretrained kwargs for QLoRA: the 4-bit config, and the whole model on this rank's GPU
     (bitsandbytes quantizes while placing the weights, so the device must be known at load time)."""
     if plan is None:
         return {}
     from transformers import BitsAndBytesConfig
 
-    return {"quantization_config": BitsAndBytesConfig(**plan.bnb_kwargs()), "device_map": {"": local_rank}}
+    return {"quantization_config": BitsAndBytesConfig(**plan.bnb_kwargs(compute_dtype)),
+            "device_map": {"": local_rank}}
 
 
-def wrap_model(model, args: argparse.Namespace, base_reference: str, quantized: bool):
+def wrap_model(model, args: argparse.Namespace, base_reference: str, quantized: bool,
+               gradient_checkpointing: bool = False):
     """Full fine-tuning: the model as loaded. LoRA: a peft model whose only trainable weights are the adapters."""
     if args.finetuning_type != "lora":
         return model
@@ -226,7 +210,7 @@ def wrap_model(model, args: argparse.Namespace, base_reference: str, quantized: 
     if quantized:
         # Casts norms to fp32, freezes the base and makes the embeddings' output require grads (needed for
         # gradient checkpointing through frozen layers).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(
         r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=resolve_lora_targets(model, args.lora_target), bias="none", task_type="CAUSAL_LM",
@@ -245,10 +229,9 @@ def parameter_counts(model) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def describe(args: argparse.Namespace, model, quantization: QuantizationPlan | None) -> dict[str, Any]:
-    """Facts for training_config.json and the start summary."""
-    facts: dict[str, Any] = {"finetuning_type": args.finetuning_type,
-                             "quantization": f"{quantization.bits}-bit nf4" if quantization else None}
+def describe(args: argparse.Namespace, model) -> dict[str, Any]:
+    """Model facts for training_config.json and the start summary (the quantization is the plan's)."""
+    facts: dict[str, Any] = {"finetuning_type": args.finetuning_type}
     if model is not None:
         trainable, total = parameter_counts(model)
         facts.update(trainable_params=trainable, total_params=total)
@@ -275,11 +258,13 @@ def save_merged_model(adapter_dir: str, base_source: str, local_only: bool, dtyp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from review_lm.model_loading import pretrained_source_kwargs
+
     base = AutoModelForCausalLM.from_pretrained(base_source, dtype=getattr(torch, dtype),
-                                                trust_remote_code=trust_remote_code, local_files_only=local_only,
-                                                adapter_kwargs={"local_files_only": local_only})  # see load_model
+                                                trust_remote_code=trust_remote_code,
+                                                **pretrained_source_kwargs(local_only))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.config.use_cache = True
-    out = os.path.join(adapter_dir, MERGED_DIR)
+    out = os.path.join(adapter_dir, run_folder.MERGED_DIR)
     save(merged, out)
     return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError, importable
+from review_lm.utils import UsageError, importable
 
 PRECISIONS = ("auto", "bf16-mixed", "bf16-pure", "fp16-mixed", "fp32")
 ADAMW_TORCH = "adamw_torch"
@@ -51,6 +51,11 @@ class PrecisionPlan:
         """The dtype matrix maths (and attention) runs in: the autocast dtype, else the weights' own."""
         return self.autocast or {"bfloat16": "bf16", "float16": "fp16"}.get(self.weights_dtype, "fp32")
 
+    @property
+    def torch_compute_dtype(self) -> str:
+        """:attr:`compute_dtype` as a torch dtype name (what bitsandbytes de-quantizes QLoRA weights to)."""
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(self.compute_dtype, "float32")
+
     def training_kwargs(self) -> dict[str, Any]:
         return {"bf16": self.autocast == "bf16", "fp16": self.autocast == "fp16"}
 
@@ -70,8 +75,6 @@ def plan_precision(requested: str, cuda_available: bool, bf16_supported: bool, f
                    optimi_available: bool = True, quantization_bit: int | None = None,
                    deepspeed: bool = False) -> PrecisionPlan:
     """Decide the precision of a run. ``bf16_supported`` is the GPU's (ignored without CUDA: bf16 runs on CPUs)."""
-    if requested not in PRECISIONS:
-        raise UsageError(f"--precision {requested}: choose one of {', '.join(PRECISIONS)}")
     lora = finetuning_type == "lora"
     mode = requested
     if mode == "auto":

@@ -1,4 +1,5 @@
-"""Load a trained output directory for inference: the one loader behind evaluation and generation.
+"""Where models come from and how they load: the model-source resolver of training, and the one loader
+of trained output folders behind evaluation and generation.
 
 The trainer writes one of two kinds of model into its output directory:
 
@@ -26,16 +27,95 @@ torch / transformers / peft are imported inside the functions, so checking a fol
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import ADAPTER_CONFIG, WEIGHT_FILES, WEIGHT_INDEXES, UsageError
+from review_lm.run_folder import ADAPTER_CONFIG, KIND_ADAPTER, has_tokenizer_files, model_kind
+from review_lm.utils import UsageError
 
-# Full weights as transformers writes (or reads) them; the index files mark sharded checkpoints.
-FULL_WEIGHT_FILES = (*WEIGHT_FILES, *WEIGHT_INDEXES)
-KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
+logger = logging.getLogger("movie_review")
+HUB_ENDPOINT = "https://huggingface.co"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model source: a local folder or a hub id (training's --model_path, an adapter's base model)
+# --------------------------------------------------------------------------------------------------------------
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Can we open a connection to the model hub? Answers in seconds instead of a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_offline(environ: Mapping[str, str]) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it."""
+    return environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def looks_like_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def resolve_model_source(name: str, environ: Mapping[str, str], missing: str,
+                         probe_hub: bool = True) -> tuple[str, bool]:
+    """Return (path or hub id, local_files_only) for a model named by the user.
+
+    A path that exists is a local folder. Something that looks like a path (absolute, ./, ../, ~) but is no
+    folder is a one-line error, ``missing``. Anything else is a hub id, read from the local Hugging Face cache
+    only when HF_HUB_OFFLINE is set or (``probe_hub``) the hub cannot be reached; behind a proxy a direct
+    connection proves nothing, so the decision is left to huggingface_hub then.
+    """
+    path = os.path.expanduser(name)
+    if looks_like_path(name):
+        if not os.path.isdir(path):
+            raise UsageError(missing)
+        return path, True
+    offline = hub_offline(environ)
+    proxied = any(environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if probe_hub and not offline and not proxied and not hub_reachable(environ.get("HF_ENDPOINT", HUB_ENDPOINT)):
+        logger.warning("model hub unreachable: looking for %s in the local Hugging Face cache only", name)
+        offline = True
+    return path, offline
+
+
+def pretrained_source_kwargs(local_only: bool) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword arguments that say where weights may come from.
+
+    ``adapter_kwargs``: transformers 5.24 looks for an adapter_config.json on the hub for any hub id without
+    passing local_files_only on, which costs ~30 s of retries with the hub unreachable.
+    """
+    return {"local_files_only": local_only, "adapter_kwargs": {"local_files_only": local_only}}
+
+
+def load_training_tokenizer(model_path: str, source: str, local_only: bool, trust_remote_code: bool):
+    """The base model's tokenizer for training: padded on the right, pad = EOS where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load model {model_path!r} ({one_line(err, 160)}). Without access to the model hub "
+                         "pass a local folder: --model_path /path/to/Qwen2.5-3B") from None
+    if tokenizer.pad_token is None:  # pad only fills batches; labels never depend on it
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trained output folders
+# --------------------------------------------------------------------------------------------------------------
 
 
 def resolve_device_dtype(device: str, dtype: str, cuda_available: bool, bf16_supported: bool) -> tuple[str, str]:
@@ -48,29 +128,13 @@ def resolve_device_dtype(device: str, dtype: str, cuda_available: bool, bf16_sup
     return device, dtype
 
 
-def model_dir_kind(model_dir: str) -> str | None:
-    """:data:`KIND_FULL`, :data:`KIND_ADAPTER`, or None when the folder holds neither kind of model.
-
-    A folder with full weights is a full model even if it also holds an adapter (a merged LoRA run).
-    ``config.json`` alone counts as a full model, so that an unreadable one fails in the loader with the
-    loader's reason instead of a vague "not a model folder".
-    """
-    names = set(os.listdir(model_dir)) if os.path.isdir(model_dir) else set()
-    has_config = "config.json" in names
-    if has_config and names & set(FULL_WEIGHT_FILES):
-        return KIND_FULL
-    if ADAPTER_CONFIG in names:
-        return KIND_ADAPTER
-    return KIND_FULL if has_config else None
-
-
 def check_model_dir(model_dir: str) -> str:
     """One-line errors for a folder that cannot hold a model; returns its kind."""
     if not os.path.exists(model_dir):
         raise UsageError(f"{model_dir}: model folder not found")
     if not os.path.isdir(model_dir):
         raise UsageError(f"{model_dir}: not a folder")
-    kind = model_dir_kind(model_dir)
+    kind = model_kind(model_dir)
     if kind is None:
         raise UsageError(f"{model_dir}: no config.json, not a model folder (nor a LoRA adapter folder: no "
                          f"{ADAPTER_CONFIG}; has training finished?)")
@@ -91,21 +155,10 @@ def adapter_base_model(model_dir: str) -> str:
     return base
 
 
-def base_model_source(base: str, environ: dict[str, str]) -> tuple[str, bool]:
-    """Where to read the base model from: (path or hub id, local_files_only).
-
-    A path that exists is a local folder. Something that looks like a path (absolute, ./, ../, ~) but does not
-    exist is an error: training ran elsewhere or the folder moved. Anything else is a hub id: read from the
-    local cache only when HF_HUB_OFFLINE is set; otherwise huggingface_hub may also fetch it.
-    """
-    path = os.path.expanduser(base)
-    if os.path.isdir(path):
-        return path, True
-    if os.path.isabs(base) or base.startswith((".", "~")) or os.path.exists(path):
-        raise UsageError(f"base model {base!r} (from {ADAPTER_CONFIG}) is not a folder here (training ran "
-                         "elsewhere or it moved); pass --base_model PATH")
-    offline = environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    return base, offline
+def base_model_source(base: str, environ: Mapping[str, str]) -> tuple[str, bool]:
+    """Where to read an adapter's base model from: :func:`resolve_model_source` with the adapter's words."""
+    return resolve_model_source(base, environ, f"base model {base!r} (from {ADAPTER_CONFIG}) is not a folder here "
+                                "(training ran elsewhere or it moved); pass --base_model PATH", probe_hub=False)
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:
@@ -163,11 +216,8 @@ def load_model_and_tokenizer(model_dir: str, device: str = "auto", dtype: str = 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only or tokenizer_source == model_dir)
         # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
-        # adapter_kwargs: transformers 5.24 looks for an adapter_config.json on the hub for any hub id without
-        # passing local_files_only on, which costs ~30 s of retries offline.
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     local_files_only=local_only,
-                                                     adapter_kwargs={"local_files_only": local_only})
+                                                     **pretrained_source_kwargs(local_only))
     except (OSError, ValueError, KeyError) as err:
         if kind == KIND_ADAPTER:
             raise UsageError(f"{model_dir}: cannot load the adapter's base model {base!r}: {one_line(err)}; pass "
@@ -182,11 +232,6 @@ def load_model_and_tokenizer(model_dir: str, device: str = "auto", dtype: str = 
         tokenizer.pad_token = tokenizer.eos_token  # Qwen2.5 base does the same (pad == eos)
     model.to(device).eval()
     return LoadedModel(model, tokenizer, device, dtype, kind, base)
-
-
-def has_tokenizer_files(model_dir: str) -> bool:
-    return any(os.path.isfile(os.path.join(model_dir, name))
-               for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model"))
 
 
 def apply_adapter(model, model_dir: str):

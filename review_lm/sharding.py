@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from run_utils import UsageError, importable, write_atomic
+from review_lm.utils import UsageError, importable, write_atomic
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 SHIPPED_DEEPSPEED_CONFIGS = {2: os.path.join(CONFIG_DIR, "deepspeed_zero2.json"),
                              3: os.path.join(CONFIG_DIR, "deepspeed_zero3.json")}
 
@@ -89,8 +89,8 @@ def check_combinations(fsdp: bool, deepspeed: str | None, quantization_bit: int 
 
 def plan_sharding(fsdp: bool, deepspeed: str | None, deepspeed_config: dict[str, Any] | None,
                   quantization_bit: int | None, cuda_available: bool, deepspeed_ok: bool) -> ShardingPlan:
-    """Decide the sharding of this run, or refuse with one line (before any model is loaded)."""
-    check_combinations(fsdp, deepspeed, quantization_bit)
+    """Decide the sharding of this run, or refuse with one line (before any model is loaded). The flags were
+    checked against each other first (:func:`check_combinations`, in ``plan.validate_arguments``)."""
     if fsdp:
         if not cuda_available:
             # Measured: with accelerate 1.15, AcceleratorState turns FSDP on only for multi-GPU-like device types;
@@ -151,6 +151,25 @@ def training_kwargs(plan: ShardingPlan, layer_classes: set[str], gradient_checkp
     else:
         fsdp_config["reshard_after_forward"] = "FULL_SHARD"
     return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def model_training_kwargs(plan: ShardingPlan, model, gradient_checkpointing: bool) -> dict[str, Any]:
+    """:func:`training_kwargs` for this model: FSDP wraps the model's own decoder-layer class."""
+    if plan.kind != "fsdp":
+        return training_kwargs(plan, set(), gradient_checkpointing)
+    from review_lm.adapters import decoder_layer_classes
+
+    return training_kwargs(plan, decoder_layer_classes(model), gradient_checkpointing,
+                           fsdp_version(torch_supports_fsdp2()))
+
+
+def save_plain_model(model, tokenizer, folder: str, save_format: str) -> None:
+    """A folder plain from_pretrained loads: config, weights in --save_format, tokenizer."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if save_format == "bin":
+        full_weights_to_bin(folder)
 
 
 def full_weights_to_bin(folder: str) -> str:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the training and evaluation scripts: user errors, atomic writes, versions, plots.
+"""Small helpers shared by every script: user errors, atomic writes, optional imports, versions, plots.
 
 Kept free of torch/transformers imports so that error paths and ``--compare`` stay fast.
 """
@@ -17,13 +17,6 @@ from typing import Any
 _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
               "PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "SimHei", "Arial Unicode MS")
 
-
-# What a model folder holds, as transformers and peft write it (one list for the trainer, checkpoint checks and
-# the inference loader).
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded weights
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class UsageError(Exception):

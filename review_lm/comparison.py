@@ -1,0 +1,142 @@
+"""Tables of scores and the comparison of evaluated runs (``evaluate_movie_review.py --compare``)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from review_lm.metrics import METRICS, SCORE_KEYS
+from review_lm.run_folder import EVAL_DIR, METRICS_FILE, read_json
+from review_lm.utils import UsageError, pyplot, write_atomic
+
+
+def format_value(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}" if key == "avg_length" else f"{value:.2f}"
+
+
+def markdown_table(rows: Sequence[tuple[str, dict[str, float] | None]]) -> str:
+    """One row per (name, metrics); a metric missing from a row shows as "-"."""
+    header = "| run | " + " | ".join(title for _, title in METRICS) + " |"
+    rule = "|---|" + "---:|" * len(METRICS)
+    lines = [header, rule]
+    for name, values in rows:
+        cells = [format_value(key, (values or {}).get(key)) for key, _ in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_rows(metrics: dict[str, Any], model_name: str = "model") -> list[tuple[str, dict[str, float]]]:
+    """Rows of one metrics.json: the model (if evaluated), each baseline, and the references' own stats."""
+    rows = []
+    if metrics.get("model"):
+        rows.append((model_name, metrics["model"]))
+    for name, values in (metrics.get("baselines") or {}).items():
+        rows.append((f"baseline: {name}", values))
+    if metrics.get("references"):
+        rows.append(("reference", metrics["references"]))
+    return rows
+
+
+def find_metrics_file(path: str) -> str:
+    """DIR may be a run folder (DIR/eval/metrics.json), an eval folder (DIR/metrics.json) or the file."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: no such file or directory")
+    for candidate in (os.path.join(path, METRICS_FILE), os.path.join(path, EVAL_DIR, METRICS_FILE)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise UsageError(f"{path}: no {METRICS_FILE} here or in {os.path.join(path, EVAL_DIR)} "
+                     "(run evaluate_movie_review.py --model_dir on it first)")
+
+
+def run_name(metrics_path: str) -> str:
+    """The run folder's name: the folder holding ``eval/`` (or holding metrics.json if it is not in eval/)."""
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    if os.path.basename(folder) == EVAL_DIR:
+        folder = os.path.dirname(folder)
+    return os.path.basename(folder) or folder
+
+
+def load_metrics(path: str) -> dict[str, Any]:
+    metrics_path = find_metrics_file(path)
+    data = read_json(metrics_path)
+    if not (isinstance(data, dict) and "model" in data and isinstance(data.get("baselines"), dict)
+            and (data["model"] is None or isinstance(data["model"], dict))):
+        raise UsageError(f"{metrics_path}: not a metrics.json written by evaluate_movie_review.py")
+    data["_path"], data["_name"] = metrics_path, run_name(metrics_path)
+    return data
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Two runs in folders of the same name (a/exp, b/exp) get "exp" and "exp (2)"."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
+
+
+def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, float] | None]]:
+    """Each run's model scores, then the first run's baselines and reference statistics."""
+    names = unique_names([r["_name"] for r in runs])
+    rows: list[tuple[str, dict[str, float] | None]] = [(n, r["model"]) for n, r in zip(names, runs, strict=True)]
+    rows += [row for row in table_rows(runs[0]) if row[0] != "model"]
+    return rows
+
+
+def plot_comparison(path: str, rows: Sequence[tuple[str, dict[str, float] | None]]) -> None:
+    """Grouped bars: scores (0-100) on the left, average length (characters) on its own axis on the right."""
+    plt = pyplot()
+    bars = [(name, values or {}) for name, values in rows if name != "reference"]
+    reference = dict(rows).get("reference") or {}
+    fig, (ax_scores, ax_len) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [6, 1.4]})
+    score_metrics = [(k, t) for k, t in METRICS if k in SCORE_KEYS]
+    width = 0.8 / max(1, len(bars))
+    for j, (name, values) in enumerate(bars):
+        hatch = "//" if name.startswith("baseline") else None
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(score_metrics))]
+        heights = [values.get(k) or 0.0 for k, _ in score_metrics]
+        ax_scores.bar(xs, heights, width, label=name, hatch=hatch, color=f"C{j}")
+        ax_len.bar([(j - (len(bars) - 1) / 2) * width], [values.get("avg_length") or 0.0], width, hatch=hatch,
+                   color=f"C{j}")
+    ax_scores.set_xticks(range(len(score_metrics)), [t for _, t in score_metrics])
+    ax_scores.set_ylabel("score (0-100)")
+    ax_scores.grid(axis="y", alpha=0.3)
+    for i, (key, _) in enumerate(score_metrics):  # what the references themselves reach (distinct-n only)
+        if reference.get(key) is not None:
+            ax_scores.hlines(reference[key], i - 0.45, i + 0.45, colors="black", linestyles="--",
+                             label="reference" if key == "distinct_1" else None)
+    ax_scores.legend(fontsize="small")
+    if reference.get("avg_length") is not None:
+        ax_len.axhline(reference["avg_length"], color="black", linestyle="--", label="reference")
+        ax_len.legend(fontsize="small")
+    ax_len.set_xticks([0], ["avg length"])
+    ax_len.set_ylabel("characters")
+    ax_len.grid(axis="y", alpha=0.3)
+    fig.suptitle("Movie-review generation: model runs vs. baselines")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def compare(paths: Sequence[str], out_png: str) -> int:
+    runs = [load_metrics(p) for p in paths]  # validates every input before anything is written
+    out_dir = os.path.dirname(os.path.abspath(out_png))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"{out_png}: folder {out_dir} does not exist")
+    digests = {r.get("references_sha256") for r in runs}
+    if len(digests) > 1:
+        print("warning: the runs were scored on different test sets; their scores are not comparable",
+              file=sys.stderr)
+    rows = comparison_rows(runs)
+    print(markdown_table(rows))
+    plot_comparison(out_png, rows)
+    print(f"\nchart: {out_png}")
+    return 0

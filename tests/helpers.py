@@ -1,0 +1,88 @@
+"""Helpers shared by the test modules: run a script as a user would, write small review files, read run records.
+
+Fixtures live in ``conftest.py``; test modules import these functions from here (never from each other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "train_distributed_MovieReview.py")
+EXAMPLE = str(REPO / "example_movie_review_data.json")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_train(*args: str, torchrun: int = 0, env: dict[str, str] | None = None, cwd: str | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               SCRIPT, *args]
+    else:
+        cmd = [sys.executable, SCRIPT, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or clean_env(),
+                          cwd=cwd or str(REPO), stdin=subprocess.DEVNULL)
+
+
+def write_reviews(path: Path, texts: list[str], name: str = "toy") -> str:
+    """A one-user review file in the spec's format, one review per day starting 2020-01-01."""
+    records = [
+        {"context": [], "continuation": text, "continuation_prefix": f"电影{i % 5}: ",
+         "timestamp": f"2020-{1 + i // 28:02d}-{1 + i % 28:02d}"}
+        for i, text in enumerate(texts)
+    ]
+    user = {"user": {"profile": {"name": name}},
+            "task": {"description": "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式",
+                     "task_behavior_collections": [{"type": "movie_review", "data": records}]}}
+    path.write_text(json.dumps([user], ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def write_drift_reviews(folder: Path) -> str:
+    """Train on one phrase, validate on another: the validation loss soon stops improving (early stopping)."""
+    return write_reviews(folder / "drift.json", ["哈哈哈哈哈哈哈哈"] * 21 + ["呜呜呜呜 sad sad"] * 9)
+
+
+def read_config(out: Path) -> dict:
+    return json.loads((out / "training_config.json").read_text(encoding="utf-8"))
+
+
+def state_dict(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+def assert_same_weights(a, b) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def run_plan(runtime, quantization=None):
+    """A RunPlan around a RuntimePlan (``plan.plan_runtime``), for tests of what the model is loaded with."""
+    from review_lm import completion_training as ct
+    from review_lm import plan, sharding
+
+    efficiency = ct.plan_efficiency(False, False, runtime.attention, False)
+    return plan.RunPlan(runtime, efficiency, quantization, sharding.ShardingPlan("none"), 1, 16)
