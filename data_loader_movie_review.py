@@ -422,8 +422,10 @@ def sample_record(enc) -> dict[str, Any]:
     """The JSON form of an encoded sample, as written to ``test_samples.json`` and read by evaluation.
 
     ``prompt`` is exactly the text whose tokens the model saw (``tokenizer(prompt, add_special_tokens=False)``
-    gives ``input_ids[:prompt_length]``); ``earlier_reviews`` are all of the user's earlier review texts, oldest
-    first, whatever the prompt kept, so model-free baselines are the same for every ablation.
+    gives ``input_ids[:prompt_length]``). The user's earlier review texts are not repeated here (they would make
+    the file grow with the square of the history): ``position`` is how many reviews the user wrote before this
+    one, and :func:`test_histories` stores each user's reviews once, so that evaluation can read this sample's
+    earlier reviews (the same for every ablation, whatever the prompt kept) as ``reviews[:position]``.
     """
     s = enc.sample
     return {
@@ -438,8 +440,28 @@ def sample_record(enc) -> dict[str, Any]:
         "history_count": enc.history_count,
         "prompt_tokens": enc.prompt_length,
         "target_truncated": enc.target_truncated,
-        "earlier_reviews": [r.text for r in s.history],
+        "position": s.position,
     }
+
+
+TEST_HISTORIES_FORMAT = "test_histories/1"
+
+
+def test_histories(samples: Sequence[Sample]) -> dict[str, Any]:
+    """The JSON form of test_histories.json: per user of ``samples``, their review texts (oldest first) up to
+    their last test sample, stored once; ``test_start`` is the position of the user's first test sample, so
+    ``reviews[:test_start]`` are the reviews written before the test split."""
+    users: dict[int, dict[str, Any]] = {}
+    for s in samples:
+        entry = users.get(s.user.index)
+        if entry is None:
+            entry = users[s.user.index] = {"user_index": s.user.index, "user": s.user.name, "test_start": s.position,
+                                           "end": s.position, "reviews": s.user.reviews}
+        entry["test_start"] = min(entry["test_start"], s.position)
+        entry["end"] = max(entry["end"], s.position)
+    return {"format": TEST_HISTORIES_FORMAT, "users": [
+        {"user_index": u["user_index"], "user": u["user"], "test_start": u["test_start"],
+         "reviews": [r.text for r in u.pop("reviews")[:u["end"]]]} for u in users.values()]}
 
 
 def preview_text(encoded: Sequence, total: int) -> str:

@@ -85,7 +85,8 @@ def evaluate(args: argparse.Namespace) -> int:
     test_file = args.test_file or os.path.join(model_dir, TEST_SAMPLES)
     test = load_test_samples(test_file)
     if args.baselines_only and not test.has_history:
-        raise UsageError(f"{test_file}: samples have no 'earlier_reviews', so there are no baselines to compute")
+        raise UsageError(f"{test_file}: samples have no earlier reviews (no 'earlier_reviews' and no "
+                         f"{run_folder.TEST_HISTORIES} beside it), so there are no baselines to compute")
     out_dir = args.output_dir or os.path.join(model_dir, EVAL_DIR)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
     if os.path.exists(metrics_path) and not args.overwrite:
@@ -95,9 +96,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     started = time.time()
     references = test.references
-    baselines = compute_baselines(test.samples, args.seed) if test.has_history else None
+    baselines = compute_baselines(test.all_earlier_reviews(), args.seed) if test.has_history else None
     if baselines is None:
-        print(f"warning: {test_file}: samples have no 'earlier_reviews'; skipping the baselines", file=sys.stderr)
+        print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
     if not args.baselines_only:
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
@@ -122,8 +123,8 @@ def evaluate(args: argparse.Namespace) -> int:
             "decoding": "new tokens up to the first EOS, tokenizer.decode(skip_special_tokens=True).strip()",
         },
         "baseline_settings": {
-            "last": "earlier_reviews[-1] (the user's most recent review before the target); '' if none",
-            "random": f"random.Random({args.seed}).choice(earlier_reviews) per sample in file order; '' if none",
+            "last": "the user's most recent review before the target (earlier reviews[-1]); '' if none",
+            "random": f"random.Random({args.seed}).choice(earlier reviews) per sample in file order; '' if none",
             "seed": args.seed,
         } if baselines else None,
         "metric_definitions": metric_definitions(),

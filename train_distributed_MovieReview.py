@@ -252,7 +252,9 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     train = prepared.encoded("train")
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       dl.preview_text(train[:PREVIEW_SAMPLES], len(train)))
-    run_folder.write_test_samples(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    out = args.output_dir
+    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
 
 
 def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
