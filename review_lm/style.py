@@ -153,8 +153,8 @@ class AttributionModel:
                 else:
                     pred = np.argmax(scores, axis=1)
                 pred = self._classifier.classes_[pred]
-            else:
-                pred = np.asarray((x @ self._centroids.T).argmax(axis=1)).ravel()
+            else:  # dense block, so that ties (e.g. no shared n-gram at all) go to the lowest index
+                pred = np.argmax((x @ self._centroids.T).toarray(), axis=1)
             out[block] = pred
         return out
 
@@ -455,18 +455,25 @@ def copy_overlaps(outputs: Sequence[str], earlier_reviews: Sequence[Sequence[str
 
     if len(outputs) != len(earlier_reviews):
         raise ValueError(f"{len(outputs)} outputs for {len(earlier_reviews)} earlier-review lists")
-    cache: dict[int, tuple[list[str], np.ndarray, Any]] = {}  # id(list) -> squeezed texts, lengths (lists repeat)
+    squeezed_text: dict[str, str] = {}  # one squeezed copy per distinct text (memory: distinct texts, not pairs)
     best = np.zeros(len(outputs))
+    previous: Any = None
+    squeezed: list[str] = []
+    lengths = np.zeros(0)
     for i, (output, earlier) in enumerate(zip(outputs, earlier_reviews, strict=True)):
         out = _squeeze(output)
         if not out:
             continue
-        entry = cache.get(id(earlier))
-        if entry is None or entry[2] is not earlier:
-            squeezed = [s for s in map(_squeeze, earlier) if s]
-            entry = cache[id(earlier)] = (squeezed, np.array([len(s) for s in squeezed], dtype=np.float64),
-                                          earlier)
-        squeezed, lengths, _ = entry
+        if earlier is not previous:  # samples of one user often share one list object
+            squeezed = []
+            for text in earlier:
+                short = squeezed_text.get(text)
+                if short is None:
+                    short = squeezed_text[text] = _squeeze(text)
+                if short:
+                    squeezed.append(short)
+            lengths = np.array([len(t) for t in squeezed], dtype=np.float64)
+            previous = earlier
         if not squeezed:
             continue
         lcs = process.cdist([out], squeezed, scorer=LCSseq.similarity, dtype=np.int32)[0]
