@@ -1,0 +1,734 @@
+"""Does the output write like *this* user? Attribution, stylometry and copying, for model outputs and baselines.
+
+Pure functions and classes over plain Python data; evaluation calls them once per system on the same test
+samples. Inputs, per test sample ``i``: its intended user key (any hashable), the system's output text, the
+real reference text, and the texts the user wrote before it (``earlier_reviews[i]``, oldest first, as in
+``test_samples.json``); per user: the reviews written before the test split (``history_by_user``: train + val
+reviews, oldest first; :func:`histories_before_test` derives it from the test samples).
+
+Three questions, one number each (plus context numbers, see :func:`definitions` for the exact rules):
+
+* **Attribution** (:class:`AttributionModel`, :func:`attribution_report`): a char 1-3-gram TF-IDF classifier
+  trained only on ``history_by_user`` (plus optional negative-only "pool" users) says who wrote each output.
+  ``attribution`` = share of outputs attributed to their intended user; ``attribution_shuffled`` = the same
+  predictions scored against randomly permuted intended users (what ignoring the user reaches);
+  ``attribution_chance`` = 100 / classes; ``attribution_ceiling`` = attribution of the real test references.
+* **Stylometry** (:func:`text_features`, :func:`style_distance`): surface style features per text; the distance
+  between a system's per-user feature means and the real test reviews' per-user means, in units of the
+  reference standard deviation, averaged over features and over test samples.
+* **Copying** (:func:`copy_overlaps`, :func:`copy_report`): share of outputs whose character ROUGE-L F1 against
+  one of the user's earlier reviews is >= 0.8, and the mean best overlap.
+
+:class:`StyleEvaluator` bundles the three for one test set (fit once, score every system); it also gives a
+per-user table (:meth:`StyleEvaluator.per_user_rows`) and a figure (:meth:`StyleEvaluator.plot`).
+
+Scale (measured on 2 CPU cores with synthetic users whose reviews are char-bigram Markov text of ~90 chars):
+copy detection uses rapidfuzz's C LCS (15,000 outputs x 85 earlier reviews: 1.8 s), style features are a few
+str.count / regex calls per text (15,000 texts: 0.3 s). The attribution classifier is a one-vs-rest
+``LinearSVC`` on an exact ``TfidfVectorizer`` up to :data:`SVC_MAX_CLASSES` classes (50 users x 85 reviews:
+fit 4.6 s, 0.7 GB peak; its dense coefficient matrix is classes x vocabulary float64, the vocabulary grows with
+the data: 425k n-grams there). Above it: nearest-centroid cosine on the same TF-IDF with the n-grams hashed into
+:data:`HASHED_FEATURES` columns (no vocabulary of millions of strings; 5x faster to fit): 1,000 users: fit
+8.6 s, 15,000 predictions 6.3 s, 0.8 GB; 10,000 users x 85 reviews: fit 64 s, 5.1 GB peak, predictions
+~3.3 ms each (they scale with the number of classes: ~8 min for 150,000 test samples).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from run_utils import pyplot
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings (named in definitions(), so metrics.json states what was used)
+# --------------------------------------------------------------------------------------------------------------
+TFIDF_SETTINGS = {"analyzer": "char", "ngram_range": (1, 3), "sublinear_tf": True}
+TFIDF_SETTINGS_NO_TF = {k: v for k, v in TFIDF_SETTINGS.items() if k != "sublinear_tf"}
+HASHED_FEATURES = 2**23  # columns of the hashed TF-IDF used above SVC_MAX_CLASSES
+SVC_MAX_CLASSES = 50  # above this many classes: nearest-centroid cosine instead of LinearSVC (see module doc)
+ATTRIBUTION_SHUFFLES = 5
+COPY_THRESHOLD = 0.8  # char ROUGE-L F1 at or above which an output is a near-copy of an earlier review
+PREDICT_CHUNK = 2048  # test texts scored per block (bounds the dense score block to chunk x classes)
+EMPTY_PREDICTION = None  # what AttributionModel.predict returns for an empty / whitespace-only text
+
+
+class AttributionUnavailable(ValueError):
+    """Attribution cannot be computed for this data (e.g. fewer than 2 candidate users); ``str()`` is one line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attribution
+# --------------------------------------------------------------------------------------------------------------
+def _non_empty(texts: Sequence[str]) -> list[str]:
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+class AttributionModel:
+    """Who wrote a text? A char n-gram TF-IDF classifier over the candidate users' earlier reviews.
+
+    Build it with :meth:`fit`. ``classes`` are the candidate users in fit order (intended users with at least
+    one non-empty earlier review, then pool users); ``intended`` is the set of non-pool classes.
+    """
+
+    def __init__(self, classes: list[Hashable], pool: frozenset, vectorizer: Any, method: str,
+                 classifier: Any = None, centroids: Any = None, train_texts: int = 0):
+        self.classes = classes
+        self.pool = pool
+        self.intended = frozenset(c for c in classes if c not in pool)
+        self.vectorizer = vectorizer
+        self.method = method
+        self._classifier = classifier
+        self._centroids = centroids
+        self.train_texts = train_texts
+        self.index = {c: i for i, c in enumerate(classes)}
+
+    @classmethod
+    def fit(cls, history_by_user: Mapping[Hashable, Sequence[str]],
+            pool_by_user: Mapping[Hashable, Sequence[str]] | None = None, seed: int = 0,
+            svc_max_classes: int = SVC_MAX_CLASSES) -> AttributionModel:
+        """Train on the users' earlier reviews only (never on test references or outputs).
+
+        Empty / whitespace-only texts are skipped; a user left without any text is no class. Pool users are
+        extra classes (negatives: they can be predicted, but are never an intended user); their keys must differ
+        from the intended users'. Raises :class:`AttributionUnavailable` with fewer than 2 classes.
+        Deterministic: ``LinearSVC(random_state=seed)``; nearest centroid has no randomness.
+        """
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        pool_by_user = pool_by_user or {}
+        clash = [k for k in pool_by_user if k in history_by_user]
+        if clash:
+            raise ValueError(f"pool users must not be intended users too: {clash[:5]!r}")
+        classes: list[Hashable] = []
+        texts: list[str] = []
+        labels: list[int] = []
+        pool: set = set()
+        for source, is_pool in ((history_by_user, False), (pool_by_user, True)):
+            for key, reviews in source.items():
+                kept = _non_empty(reviews)
+                if not kept:
+                    continue
+                labels.extend([len(classes)] * len(kept))
+                texts.extend(kept)
+                classes.append(key)
+                if is_pool:
+                    pool.add(key)
+        if len(classes) < 2:
+            intended = sum(1 for c in classes if c not in pool)
+            raise AttributionUnavailable(
+                f"attribution needs at least 2 candidate users with non-empty earlier reviews; there are "
+                f"{len(classes)} ({intended} test user(s), {len(classes) - intended} pool user(s)): give the "
+                "reviews of other users as a pool to measure it")
+        y = np.asarray(labels)
+        if len(classes) <= svc_max_classes:
+            from sklearn.svm import LinearSVC
+
+            vectorizer = TfidfVectorizer(**TFIDF_SETTINGS, dtype=np.float32)
+            classifier = LinearSVC(random_state=seed).fit(vectorizer.fit_transform(texts), y)
+            return cls(classes, frozenset(pool), vectorizer, "linear_svc", classifier=classifier,
+                       train_texts=len(texts))
+        vectorizer = _hashed_tfidf()
+        features = vectorizer.fit_transform(texts)
+        return cls(classes, frozenset(pool), vectorizer, "nearest_centroid",
+                   centroids=_centroids(features, y, len(classes)), train_texts=len(texts))
+
+    def predict_indices(self, texts: Sequence[str]) -> np.ndarray:
+        """Class index per text (into ``classes``); -1 for an empty / whitespace-only text (attributed to no one).
+        Ties go to the lower class index."""
+        out = np.full(len(texts), -1, dtype=np.int64)
+        rows = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        for start in range(0, len(rows), PREDICT_CHUNK):
+            block = rows[start:start + PREDICT_CHUNK]
+            x = self.vectorizer.transform([texts[i] for i in block])
+            if self.method == "linear_svc":
+                scores = self._classifier.decision_function(x)
+                if scores.ndim == 1:  # binary LinearSVC: one score, > 0 means classes_[1]
+                    pred = (scores > 0).astype(np.int64)
+                else:
+                    pred = np.argmax(scores, axis=1)
+                pred = self._classifier.classes_[pred]
+            else:  # dense block, so that ties (e.g. no shared n-gram at all) go to the lowest index
+                pred = np.argmax((x @ self._centroids.T).toarray(), axis=1)
+            out[block] = pred
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[Hashable | None]:
+        """The predicted user key per text; ``None`` for an empty / whitespace-only text."""
+        return [self.classes[i] if i >= 0 else EMPTY_PREDICTION for i in self.predict_indices(texts)]
+
+    @property
+    def chance(self) -> float:
+        """100 / number of candidate classes."""
+        return 100.0 / len(self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "classes": len(self.classes), "intended_classes": len(self.intended),
+                "pool_classes": len(self.pool), "train_texts": self.train_texts,
+                "features": (len(self.vectorizer.vocabulary_) if self.method == "linear_svc"
+                             else f"hashed into {HASHED_FEATURES}")}
+
+
+def _hashed_tfidf():
+    """TfidfVectorizer's features (same analyzer, n-grams, sublinear tf, smooth idf, L2 norm) with the n-grams
+    hashed into HASHED_FEATURES columns instead of a vocabulary: 5x faster to fit on 85k texts, and no
+    vocabulary of millions of n-gram strings in memory (collisions among rare n-grams are the price)."""
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+    from sklearn.pipeline import make_pipeline
+
+    hashing = HashingVectorizer(**TFIDF_SETTINGS_NO_TF, n_features=HASHED_FEATURES, alternate_sign=False,
+                                norm=None, dtype=np.float32)
+    return make_pipeline(hashing, TfidfTransformer(sublinear_tf=True))
+
+
+def _centroids(features, y: np.ndarray, n_classes: int):
+    """Per class: the L2-normalised sum of its (already L2-normalised) TF-IDF rows, as a sparse CSR matrix."""
+    import scipy.sparse as sp
+    from sklearn.preprocessing import normalize
+
+    indicator = sp.csr_matrix((np.ones(len(y), dtype=np.float32), (y, np.arange(len(y)))),
+                              shape=(n_classes, len(y)))
+    return normalize(indicator @ features).tocsr()
+
+
+def _intended_indices(model: AttributionModel, intended_users: Sequence[Hashable]) -> np.ndarray:
+    """Class index of each intended user; -1 for a user who is no class (no non-empty earlier review)."""
+    out = np.empty(len(intended_users), dtype=np.int64)
+    for i, user in enumerate(intended_users):
+        if user in model.pool:
+            raise ValueError(f"test sample #{i}: user {user!r} is a pool user; pool users are never intended")
+        out[i] = model.index.get(user, -1)
+    return out
+
+
+def attribution_report(model: AttributionModel, outputs: Sequence[str], intended_users: Sequence[Hashable],
+                       seed: int = 0, shuffles: int = ATTRIBUTION_SHUFFLES) -> dict[str, float | int | None]:
+    """``attribution`` and ``attribution_shuffled`` (0-100) of ``outputs`` (one per test sample).
+
+    Samples whose intended user is no class (no non-empty earlier review) are left out of both numbers and
+    counted in ``attribution_excluded``. An empty output is attributed to no one (a miss). ``shuffled``: the
+    intended users are permuted among the scored samples with ``numpy.random.default_rng(seed)``, ``shuffles``
+    times; the mean share of predictions that match the permuted user (the same permutations for every system).
+    """
+    if len(outputs) != len(intended_users):
+        raise ValueError(f"{len(outputs)} outputs for {len(intended_users)} test samples")
+    intended = _intended_indices(model, intended_users)
+    keep = intended >= 0
+    predicted = model.predict_indices(list(outputs))[keep]
+    return _attribution_numbers(predicted, intended[keep], seed, shuffles, int((~keep).sum()))
+
+
+def _attribution_numbers(predicted: np.ndarray, intended: np.ndarray, seed: int, shuffles: int,
+                         excluded: int) -> dict[str, float | int | None]:
+    n = len(intended)
+    if n == 0:
+        return {"attribution": None, "attribution_shuffled": None, "attribution_samples": 0,
+                "attribution_excluded": excluded}
+    rng = np.random.default_rng(seed)
+    shuffled = [float(np.mean(predicted == intended[rng.permutation(n)])) for _ in range(shuffles)]
+    return {"attribution": 100.0 * float(np.mean(predicted == intended)),
+            "attribution_shuffled": 100.0 * float(np.mean(shuffled)) if shuffled else None,
+            "attribution_samples": n, "attribution_excluded": excluded}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stylometry
+# --------------------------------------------------------------------------------------------------------------
+_ASCII_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+_EMOJI_RE = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF]")
+_LATIN_RE = re.compile(r"[A-Za-z\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u024F]")
+_DIGIT_RE = re.compile(r"[0-9\uFF10-\uFF19]")
+_SENTENCE_END_RE = re.compile(r"[。！？!?…\n]+|\.{2,}|(?<!\d)\.(?!\d)")
+_REPEAT_RE = re.compile(r"[！!？?]{2,}|。{2,}|[～~〜]{2,}|，{2,}|,{2,}|\.{4,}|…{3,}")
+_ASCII_ELLIPSIS_RE = re.compile(r"\.{2,}")
+_WORDLIKE_RE = re.compile(r"[^\W_]")  # a letter, digit or CJK character (not punctuation, space or symbol)
+
+
+def _is_fullwidth_punct(ch: str) -> bool:
+    """Non-ASCII punctuation: Unicode category P* (，。！？、；：“”‘’（）《》【】…—·), the CJK
+    symbols-and-punctuation block (U+3001-U+303F) and the full-width ASCII variants (U+FF01-U+FF65) that are
+    not letters or digits (e.g. ～ ＋)."""
+    import unicodedata
+
+    cp = ord(ch)
+    if cp < 128:
+        return False
+    if 0x3001 <= cp <= 0x303F:
+        return True
+    if 0xFF01 <= cp <= 0xFF65:
+        return not ch.isalnum()
+    return unicodedata.category(ch).startswith("P")
+
+
+class _PunctClass(dict):
+    """char -> 'f' (full-width punctuation), 'a' (ASCII punctuation) or '' for str.translate; cached."""
+
+    def __missing__(self, cp: int) -> str:
+        ch = chr(cp)
+        value = "a" if ch in _ASCII_PUNCT else "f" if _is_fullwidth_punct(ch) else ""
+        self[cp] = value
+        return value
+
+
+_PUNCT_CLASS = _PunctClass()
+
+# (name, description). Rates are per 100 characters of the stripped text (0 for an empty text).
+STYLE_FEATURES: tuple[tuple[str, str], ...] = (
+    ("length", "characters (Unicode code points) of the stripped text"),
+    ("sentences", "number of sentences: maximal runs of text between sentence ends (。！？!?… newline, '..', "
+                  "a '.' not between digits) that hold a letter, digit or CJK character"),
+    ("fullwidth_punct_share", "full-width punctuation marks / all punctuation marks (ASCII + full-width); "
+                              "undefined for a text without punctuation (left out of its means)"),
+    ("punct_rate", "punctuation marks (ASCII + full-width) per 100 characters"),
+    ("excl_fullwidth_rate", "'！' per 100 characters"),
+    ("excl_ascii_rate", "'!' per 100 characters"),
+    ("question_fullwidth_rate", "'？' per 100 characters"),
+    ("question_ascii_rate", "'?' per 100 characters"),
+    ("ellipsis_fullwidth_rate", "'…' characters per 100 characters ('……' counts 2)"),
+    ("ellipsis_ascii_rate", "runs of 2+ '.' ('..', '...') per 100 characters"),
+    ("tilde_fullwidth_rate", "'～' (U+FF5E) and '〜' (U+301C) per 100 characters"),
+    ("tilde_ascii_rate", "'~' per 100 characters"),
+    ("repeated_marks_rate", "runs of repeated marks per 100 characters: 2+ of ！!？? mixed, 2+ 。, 2+ ～~〜, 2+ ，, "
+                            "2+ ',', 4+ '.', 3+ '…'"),
+    ("latin_share", "latin letters (A-Z, a-z, Latin-1/Extended letters) / characters"),
+    ("digit_share", "digits (0-9 and full-width ０-９) / characters"),
+    ("emoji_rate", "emoji (U+1F000-U+1FAFF, U+2300-U+27BF, U+2B00-U+2BFF) per 100 characters"),
+    ("whitespace_rate", "inner whitespace characters (spaces, newlines) per 100 characters"),
+)
+FEATURE_NAMES = tuple(name for name, _ in STYLE_FEATURES)
+
+
+def text_features(text: str) -> dict[str, float]:
+    """The :data:`STYLE_FEATURES` of one text (``fullwidth_punct_share`` is NaN without punctuation)."""
+    return dict(zip(FEATURE_NAMES, _feature_row(text), strict=True))
+
+
+def _feature_row(text: str) -> list[float]:
+    t = text.strip() if isinstance(text, str) else ""
+    n = len(t)
+    if n == 0:
+        return [0.0, 0.0, math.nan] + [0.0] * (len(FEATURE_NAMES) - 3)
+    classes = t.translate(_PUNCT_CLASS)
+    full, ascii_ = classes.count("f"), classes.count("a")
+    per100 = 100.0 / n
+    sentences = sum(1 for part in _SENTENCE_END_RE.split(t) if _WORDLIKE_RE.search(part))
+    return [
+        float(n),
+        float(sentences),
+        full / (full + ascii_) if full + ascii_ else math.nan,
+        (full + ascii_) * per100,
+        t.count("！") * per100,
+        t.count("!") * per100,
+        t.count("？") * per100,
+        t.count("?") * per100,
+        t.count("…") * per100,
+        len(_ASCII_ELLIPSIS_RE.findall(t)) * per100,
+        (t.count("～") + t.count("〜")) * per100,
+        t.count("~") * per100,
+        len(_REPEAT_RE.findall(t)) * per100,
+        len(_LATIN_RE.findall(t)) / n,
+        len(_DIGIT_RE.findall(t)) / n,
+        len(_EMOJI_RE.findall(t)) * per100,
+        sum(1 for ch in t if ch.isspace()) * per100,
+    ]
+
+
+def feature_matrix(texts: Sequence[str]) -> np.ndarray:
+    """``len(texts) x len(FEATURE_NAMES)`` float64 matrix of :func:`text_features` (NaN = undefined)."""
+    return np.array([_feature_row(t) for t in texts], dtype=np.float64).reshape(len(texts), len(FEATURE_NAMES))
+
+
+def _group_codes(keys: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
+    """Dense codes 0..U-1 in first-appearance order, and the keys in that order."""
+    index: dict[Hashable, int] = {}
+    codes = np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
+    return codes, list(index)
+
+
+def _group_means(values: np.ndarray, codes: np.ndarray, groups: int) -> np.ndarray:
+    """Per group and column: mean of the defined (non-NaN) values; NaN where a group has none."""
+    defined = ~np.isnan(values)
+    out = np.empty((groups, values.shape[1]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for j in range(values.shape[1]):
+            sums = np.bincount(codes, weights=np.where(defined[:, j], values[:, j], 0.0), minlength=groups)
+            counts = np.bincount(codes, weights=defined[:, j].astype(np.float64), minlength=groups)
+            out[:, j] = sums / counts
+    return out
+
+
+def _nanstd(values: np.ndarray) -> np.ndarray:
+    """Population std per column over defined values; NaN for a column without any."""
+    out = np.full(values.shape[1], math.nan)
+    for j in range(values.shape[1]):
+        col = values[:, j][~np.isnan(values[:, j])]
+        if len(col):
+            out[j] = float(col.std())
+    return out
+
+
+def reference_scale(reference_features: np.ndarray) -> np.ndarray:
+    """Per feature: the population std of the real test references (all users together)."""
+    return _nanstd(reference_features)
+
+
+def style_distance(outputs: Sequence[str] | np.ndarray, references: Sequence[str] | np.ndarray,
+                   intended_users: Sequence[Hashable], scale: np.ndarray | None = None) -> dict[str, Any]:
+    """Standardised mean absolute difference between the outputs' and the references' features, per user.
+
+    For user u and feature f: ``|mean_u(output f) - mean_u(reference f)| / s_f``, where ``s_f`` is the std of f
+    over all real test references (``scale``; computed from ``references`` if not given); where that is 0 or
+    undefined, the std of this system's outputs and the references pooled; where that is 0 too, both sides are
+    the same constant and the term is 0. A term is undefined (left out) when one side has no defined value
+    (``fullwidth_punct_share`` of a user whose outputs carry no punctuation). User distance = mean of its
+    defined terms; ``style_distance`` = mean of user distances weighted by the user's test samples.
+    ``outputs`` / ``references`` may be texts or :func:`feature_matrix` results.
+    Returns ``style_distance`` and, per feature, ``system_mean`` / ``reference_mean`` (over all samples,
+    defined values) and ``distance`` (its sample-weighted mean term).
+    """
+    out_f = outputs if isinstance(outputs, np.ndarray) else feature_matrix(outputs)
+    ref_f = references if isinstance(references, np.ndarray) else feature_matrix(references)
+    if not (len(out_f) == len(ref_f) == len(intended_users)):
+        raise ValueError(f"{len(out_f)} outputs, {len(ref_f)} references, {len(intended_users)} users")
+    if len(ref_f) == 0:
+        raise ValueError("no test samples")
+    codes, _ = _group_codes(intended_users)
+    groups = int(codes.max()) + 1
+    weights = np.bincount(codes, minlength=groups).astype(np.float64)
+    s = reference_scale(ref_f) if scale is None else np.asarray(scale, dtype=np.float64)
+    pooled = _nanstd(np.vstack([out_f, ref_f]))
+    s = np.where(np.isnan(s) | (s <= 0), pooled, s)
+    diff = np.abs(_group_means(out_f, codes, groups) - _group_means(ref_f, codes, groups))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(s > 0, diff / s, np.where(np.isnan(diff), np.nan, 0.0))
+    defined = ~np.isnan(terms)
+    per_user = np.where(defined.any(axis=1),
+                        np.nansum(terms, axis=1) / np.maximum(defined.sum(axis=1), 1), np.nan)
+    total = float(np.nansum(per_user * weights) / weights[~np.isnan(per_user)].sum())
+    features = {}
+    for j, name in enumerate(FEATURE_NAMES):
+        w = weights[defined[:, j]]
+        features[name] = {
+            "system_mean": _finite(np.nanmean(out_f[:, j]) if (~np.isnan(out_f[:, j])).any() else math.nan),
+            "reference_mean": _finite(np.nanmean(ref_f[:, j]) if (~np.isnan(ref_f[:, j])).any() else math.nan),
+            "distance": _finite(float((terms[defined[:, j], j] * w).sum() / w.sum()) if w.size else math.nan),
+        }
+    return {"style_distance": total, "style_features": features, "_per_user": per_user, "_codes": codes}
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Copying
+# --------------------------------------------------------------------------------------------------------------
+def _squeeze(text: str) -> str:
+    """The text without any whitespace (copy detection compares characters, whitespace ignored)."""
+    return "".join(text.split()) if isinstance(text, str) else ""
+
+
+def char_rouge_l_f1(a: str, b: str) -> float:
+    """Character ROUGE-L F1 with whitespace ignored: ``2 * LCS / (len(a) + len(b))`` (0 when either is empty).
+
+    Symmetric; equal to F1 of precision LCS/len(a) and recall LCS/len(b).
+    """
+    from rapidfuzz.distance import LCSseq
+
+    a, b = _squeeze(a), _squeeze(b)
+    if not a or not b:
+        return 0.0
+    return 2.0 * LCSseq.similarity(a, b) / (len(a) + len(b))
+
+
+def copy_overlaps(outputs: Sequence[str], earlier_reviews: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per output: its highest :func:`char_rouge_l_f1` against its own sample's earlier reviews (0 when the
+    output is empty or there is no non-empty earlier review). One rapidfuzz ``cdist`` call per sample."""
+    from rapidfuzz import process
+    from rapidfuzz.distance import LCSseq
+
+    if len(outputs) != len(earlier_reviews):
+        raise ValueError(f"{len(outputs)} outputs for {len(earlier_reviews)} earlier-review lists")
+    squeezed_text: dict[str, str] = {}  # one squeezed copy per distinct text (memory: distinct texts, not pairs)
+    best = np.zeros(len(outputs))
+    previous: Any = None
+    squeezed: list[str] = []
+    lengths = np.zeros(0)
+    for i, (output, earlier) in enumerate(zip(outputs, earlier_reviews, strict=True)):
+        out = _squeeze(output)
+        if not out:
+            continue
+        if earlier is not previous:  # samples of one user often share one list object
+            squeezed = []
+            for text in earlier:
+                short = squeezed_text.get(text)
+                if short is None:
+                    short = squeezed_text[text] = _squeeze(text)
+                if short:
+                    squeezed.append(short)
+            lengths = np.array([len(t) for t in squeezed], dtype=np.float64)
+            previous = earlier
+        if not squeezed:
+            continue
+        lcs = process.cdist([out], squeezed, scorer=LCSseq.similarity, dtype=np.int32)[0]
+        best[i] = float(np.max(2.0 * lcs / (lengths + len(out))))
+    return best
+
+
+def copy_report(outputs: Sequence[str], earlier_reviews: Sequence[Sequence[str]],
+                threshold: float = COPY_THRESHOLD) -> dict[str, float]:
+    """``copy_rate``: 100 * share of outputs with overlap >= ``threshold``; ``copy_overlap_mean``: 100 * mean
+    overlap (see :func:`copy_overlaps`). ``earlier_reviews[i]``: the texts the user wrote before sample i."""
+    best = copy_overlaps(outputs, earlier_reviews)
+    if len(best) == 0:
+        raise ValueError("no outputs")
+    return {"copy_rate": 100.0 * float(np.mean(best >= threshold)), "copy_overlap_mean": 100.0 * float(best.mean())}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One test set, every system
+# --------------------------------------------------------------------------------------------------------------
+def histories_before_test(intended_users: Sequence[Hashable],
+                          earlier_reviews: Sequence[Sequence[str]]) -> dict[Hashable, list[str]]:
+    """Per user, the reviews written before the test split: the shortest ``earlier_reviews`` among the user's
+    test samples (the earliest test sample's history = all train + val reviews). Users in first-sample order."""
+    out: dict[Hashable, list[str]] = {}
+    for user, earlier in zip(intended_users, earlier_reviews, strict=True):
+        if user not in out or len(earlier) < len(out[user]):
+            out[user] = list(earlier)
+    return out
+
+
+@dataclass
+class _Analysis:
+    predicted: np.ndarray | None  # class index per sample (-1 = empty output), None without attribution
+    overlaps: np.ndarray
+    features: np.ndarray
+
+
+class StyleEvaluator:
+    """Attribution, stylometry and copying of any number of systems on one test set.
+
+    Fits the attribution model once (on ``history_by_user`` and the optional pool only), computes the reference
+    features and the ceiling; :meth:`score` then scores one system's outputs (one per test sample, in sample
+    order). ``skipped_reason`` is a one-line reason when attribution cannot be computed (its numbers are None).
+    """
+
+    def __init__(self, intended_users: Sequence[Hashable], references: Sequence[str],
+                 earlier_reviews: Sequence[Sequence[str]],
+                 history_by_user: Mapping[Hashable, Sequence[str]] | None = None,
+                 pool_by_user: Mapping[Hashable, Sequence[str]] | None = None, seed: int = 0,
+                 shuffles: int = ATTRIBUTION_SHUFFLES, copy_threshold: float = COPY_THRESHOLD,
+                 svc_max_classes: int = SVC_MAX_CLASSES):
+        if not (len(intended_users) == len(references) == len(earlier_reviews)):
+            raise ValueError(f"{len(intended_users)} users, {len(references)} references, "
+                             f"{len(earlier_reviews)} earlier-review lists: one of each per test sample")
+        if not references:
+            raise ValueError("no test samples")
+        self.intended_users = list(intended_users)
+        self.references = list(references)
+        self.earlier_reviews = earlier_reviews
+        self.history_by_user = (histories_before_test(intended_users, earlier_reviews) if history_by_user is None
+                                else history_by_user)
+        self.seed, self.shuffles, self.copy_threshold = seed, shuffles, copy_threshold
+        self.model: AttributionModel | None = None
+        self.skipped_reason: str | None = None
+        try:
+            self.model = AttributionModel.fit(self.history_by_user, pool_by_user, seed, svc_max_classes)
+        except AttributionUnavailable as err:
+            self.skipped_reason = str(err)
+        self._intended = None if self.model is None else _intended_indices(self.model, self.intended_users)
+        self.reference_features = feature_matrix(self.references)
+        self.scale = reference_scale(self.reference_features)
+        self.reference_scores = self.score(self.references)
+
+    def _analyse(self, outputs: Sequence[str]) -> _Analysis:
+        if len(outputs) != len(self.references):
+            raise ValueError(f"{len(outputs)} outputs for {len(self.references)} test samples")
+        outputs = list(outputs)
+        predicted = None if self.model is None else self.model.predict_indices(outputs)
+        return _Analysis(predicted, copy_overlaps(outputs, self.earlier_reviews), feature_matrix(outputs))
+
+    def score(self, outputs: Sequence[str]) -> dict[str, Any]:
+        """One system's numbers: attribution, attribution_shuffled, copy_rate, copy_overlap_mean, style_distance
+        and style_features (per feature: system_mean, reference_mean, distance)."""
+        return self._score(self._analyse(outputs))
+
+    def _score(self, a: _Analysis) -> dict[str, Any]:
+        if a.predicted is None:
+            result: dict[str, Any] = {"attribution": None, "attribution_shuffled": None}
+        else:
+            keep = self._intended >= 0
+            numbers = _attribution_numbers(a.predicted[keep], self._intended[keep], self.seed, self.shuffles,
+                                           int((~keep).sum()))
+            result = {k: numbers[k] for k in ("attribution", "attribution_shuffled")}
+        result["copy_rate"] = 100.0 * float(np.mean(a.overlaps >= self.copy_threshold))
+        result["copy_overlap_mean"] = 100.0 * float(a.overlaps.mean())
+        style = style_distance(a.features, self.reference_features, self.intended_users, self.scale)
+        result["style_distance"] = style["style_distance"]
+        result["style_features"] = style["style_features"]
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Once per evaluation: chance, ceiling (attribution of the real references), the model, skipped reason,
+        and the references' own copy rate / overlap."""
+        out: dict[str, Any] = {
+            "attribution_chance": None if self.model is None else self.model.chance,
+            "attribution_ceiling": self.reference_scores["attribution"],
+            "attribution_skipped_reason": self.skipped_reason,
+            "attribution_model": None if self.model is None else self.model.describe(),
+            "attribution_samples": None, "attribution_excluded": None,
+            "reference_copy_rate": self.reference_scores["copy_rate"],
+            "reference_copy_overlap_mean": self.reference_scores["copy_overlap_mean"],
+            "test_samples": len(self.references), "users": len(set(self.intended_users)),
+        }
+        if self.model is not None:
+            out["attribution_samples"] = int((self._intended >= 0).sum())
+            out["attribution_excluded"] = int((self._intended < 0).sum())
+        return out
+
+    def per_user_rows(self, outputs: Sequence[str]) -> list[dict[str, Any]]:
+        """One row per user (first-sample order): user, test_samples, attribution (share of this user's outputs
+        attributed to them, 0-100; None without attribution or when the user is no class), copy_rate, and
+        style_distance (this user's distance, as in :func:`style_distance`)."""
+        a = self._analyse(outputs)
+        style = style_distance(a.features, self.reference_features, self.intended_users, self.scale)
+        codes, users = style["_codes"], _group_codes(self.intended_users)[1]
+        rows = []
+        for u, user in enumerate(users):
+            mine = codes == u
+            attribution = None
+            if a.predicted is not None and self._intended[mine][0] >= 0:
+                attribution = 100.0 * float(np.mean(a.predicted[mine] == self._intended[mine]))
+            rows.append({"user": user, "test_samples": int(mine.sum()), "attribution": attribution,
+                         "copy_rate": 100.0 * float(np.mean(a.overlaps[mine] >= self.copy_threshold)),
+                         "style_distance": _finite(style["_per_user"][u])})
+        return rows
+
+    def confusion(self, outputs: Sequence[str], top_n: int = 12) -> tuple[list[Hashable], np.ndarray]:
+        """Attribution confusion over the ``top_n`` users with the most test samples (ties: first seen): rows =
+        intended user, columns = predicted user among them plus a last column "other" (another class or an
+        empty output). Samples of other users are left out."""
+        if self.model is None:
+            raise AttributionUnavailable(self.skipped_reason)
+        a = self._analyse(outputs)
+        codes, users = _group_codes(self.intended_users)
+        counts = np.bincount(codes)
+        top = sorted(range(len(users)), key=lambda u: (-counts[u], u))[:top_n]
+        labels = [users[u] for u in top]
+        column = {self.model.index[user]: k for k, user in enumerate(labels) if user in self.model.index}
+        matrix = np.zeros((len(labels), len(labels) + 1), dtype=np.int64)
+        row_of = {u: k for k, u in enumerate(top)}
+        for i, code in enumerate(codes):
+            if code in row_of:
+                matrix[row_of[code], column.get(int(a.predicted[i]), len(labels))] += 1
+        return labels, matrix
+
+    def plot(self, path: str, systems: Mapping[str, Sequence[str]], confusion_system: str | None = None,
+             top_n: int = 12) -> None:
+        """A PNG: length distribution and mean punctuation rates of each system vs the real test reviews, and
+        (when attribution is available) the attribution confusion matrix of ``confusion_system`` (default: the
+        first system) over the ``top_n`` users with the most test samples."""
+        plt = pyplot()
+        named = {"real test reviews": self.references, **systems}
+        has_confusion = self.model is not None and bool(systems)
+        fig, axes = plt.subplots(1, 3 if has_confusion else 2, figsize=(17 if has_confusion else 12, 4.8))
+        ax = axes[0]
+        lengths = [feature_matrix(texts)[:, 0] for texts in named.values()]
+        top = max(float(np.percentile(np.concatenate(lengths), 99)), 1.0)
+        bins = np.linspace(0, top, 30)
+        for name, values in zip(named, lengths, strict=True):
+            ax.hist(np.clip(values, 0, top), bins=bins, histtype="step", linewidth=1.6, label=name)
+        ax.set_title("length (characters)")
+        ax.set_xlabel(f"characters per text (clipped at {top:.0f}, the 99th percentile)")
+        ax.set_ylabel("texts")
+        ax.legend(fontsize=8)
+        ax = axes[1]
+        shown = ["excl_fullwidth_rate", "excl_ascii_rate", "question_fullwidth_rate",
+                 "question_ascii_rate", "ellipsis_fullwidth_rate", "tilde_fullwidth_rate", "repeated_marks_rate",
+                 "emoji_rate"]
+        columns = [FEATURE_NAMES.index(f) for f in shown]
+        width = 0.8 / len(named)
+        for k, texts in enumerate(named.values()):
+            means = np.nanmean(feature_matrix(texts)[:, columns], axis=0) if len(texts) else np.zeros(len(shown))
+            ax.bar(np.arange(len(shown)) + k * width, means, width, label=list(named)[k])
+        ax.set_xticks(np.arange(len(shown)) + 0.4 - width / 2)
+        ax.set_xticklabels([f.replace("_rate", "") for f in shown], rotation=35, ha="right", fontsize=8)
+        ax.set_title("marks per 100 characters (mean over texts)")
+        ax.legend(fontsize=8)
+        if has_confusion:
+            name = confusion_system or next(iter(systems))
+            labels, matrix = self.confusion(systems[name], top_n)
+            ax = axes[2]
+            shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+            ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+            names = [str(u)[:12] for u in labels]
+            ax.set_xticks(range(len(labels) + 1))
+            ax.set_xticklabels([*names, "other"], rotation=45, ha="right", fontsize=7)
+            ax.set_yticks(range(len(labels)))
+            ax.set_yticklabels(names, fontsize=7)
+            for r in range(matrix.shape[0]):
+                for c in range(matrix.shape[1]):
+                    if matrix[r, c]:
+                        ax.text(c, r, str(matrix[r, c]), ha="center", va="center", fontsize=7,
+                                color="white" if shares[r, c] > 0.5 else "black")
+            ax.set_xlabel("attributed to")
+            ax.set_ylabel("intended user")
+            ax.set_title(f"attribution of '{name}' (top {len(labels)} users)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Definitions (for metrics.json)
+# --------------------------------------------------------------------------------------------------------------
+def definitions() -> dict[str, Any]:
+    """How each number is computed, in English, for metrics.json."""
+    return {
+        "attribution": (
+            "100 * share of outputs that an authorship classifier attributes to the sample's intended user. "
+            "Classifier: sklearn TfidfVectorizer(analyzer='char', ngram_range=(1, 3), sublinear_tf=True) + "
+            f"LinearSVC(random_state=seed) (one-vs-rest) for up to {SVC_MAX_CLASSES} classes, above that a "
+            "nearest-centroid cosine classifier on the same features (class centroid = L2-normalised sum of its "
+            f"L2-normalised TF-IDF rows, n-grams hashed into {HASHED_FEATURES} columns; predict the class with "
+            "the highest dot product). Trained only on the "
+            "reviews each test user wrote before the test split (train + val) and on optional pool users "
+            "(negative-only classes); empty texts skipped. An empty output is attributed to no one. Samples "
+            "whose user has no non-empty earlier review are left out (attribution_excluded)."),
+        "attribution_shuffled": (
+            f"the same predictions scored against the intended users randomly permuted among the scored test "
+            f"samples (numpy default_rng(seed), mean over {ATTRIBUTION_SHUFFLES} permutations, the same for every "
+            "system): what a system that ignores the user reaches with its own output distribution"),
+        "attribution_chance": "100 / number of candidate classes (test users with earlier reviews + pool users)",
+        "attribution_ceiling": "attribution of the real test references (how separable the users are)",
+        "attribution_skipped_reason": "why attribution is None (fewer than 2 candidate classes), else null",
+        "style_distance": (
+            "standardised mean absolute difference of style features: for each user u and feature f, "
+            "|mean_u(system f) - mean_u(real test review f)| / s_f, with s_f = population std of f over all real "
+            "test reviews (all users); where s_f is 0, the std of the system's outputs and the references pooled; "
+            "where that is 0 too the term is 0. Undefined terms (a side without a defined value) are left out. "
+            "Per user: mean over features; overall: mean over users weighted by their test samples. 0 = the "
+            "same per-user feature means as the real reviews; larger = further away"),
+        "style_features": {
+            "what": "per feature: system_mean and reference_mean over all test samples (defined values), and "
+                    "distance = the feature's term averaged over users weighted by test samples",
+            "features": dict(STYLE_FEATURES),
+        },
+        "copy_rate": (
+            f"100 * share of outputs that are near-copies of one of the user's earlier reviews (those written "
+            f"before the test sample): character ROUGE-L F1 >= {COPY_THRESHOLD} against any of them"),
+        "copy_overlap_mean": (
+            "100 * mean over outputs of the output's highest character ROUGE-L F1 against the user's earlier "
+            "reviews (0 for an empty output or without earlier reviews)"),
+        "char_rouge_l_f1": ("2 * LCS / (len(a) + len(b)) over characters with all whitespace removed "
+                            "(= F1 of LCS precision and recall); LCS by rapidfuzz.distance.LCSseq"),
+        "per_user": ("per user: test_samples, attribution (share of the user's outputs attributed to them), "
+                     "copy_rate, style_distance (the user's distance as above)"),
+    }
