@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from run_utils import UsageError
+from review_lm.utils import UsageError
 
 CHECKED_KEYS = ("user_index", "record_index")
 MISSING_SHOWN = 5  # missing indices named in the error

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from run_utils import pyplot
+from review_lm.utils import pyplot
 
 # --------------------------------------------------------------------------------------------------------------
 # Settings (named in definitions(), so metrics.json states what was used)

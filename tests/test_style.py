@@ -12,7 +12,7 @@ import pytest
 import data_loader_movie_review as dl
 from review_lm import style
 from review_lm.predictions import read_predictions
-from run_utils import UsageError
+from review_lm.utils import UsageError
 
 
 # --------------------------------------------------------------------------------------------------------------
