@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import style
+from review_lm import style, stylometry
 from review_lm.predictions import read_predictions
 from review_lm.utils import UsageError
 
@@ -228,7 +228,7 @@ def test_copy_rules():
 # Stylometry
 # --------------------------------------------------------------------------------------------------------------
 def test_features_of_hand_made_strings():
-    f = style.text_features("  太好看了！！真的？还行吧…… 2019年的ok片~  ")
+    f = stylometry.text_features("  太好看了！！真的？还行吧…… 2019年的ok片~  ")
     text = "太好看了！！真的？还行吧…… 2019年的ok片~"
     assert f["length"] == len(text) == 25
     assert f["sentences"] == 4  # 太好看了 / 真的 / 还行吧 / 2019年的ok片~
@@ -243,7 +243,7 @@ def test_features_of_hand_made_strings():
     assert f["latin_share"] == pytest.approx(2 / 25) and f["digit_share"] == pytest.approx(4 / 25)
     assert f["whitespace_rate"] == pytest.approx(per100) and f["emoji_rate"] == 0
 
-    g = style.text_features("What?! No way... 3.5 stars!!! 😂😂 ok～～")
+    g = stylometry.text_features("What?! No way... 3.5 stars!!! 😂😂 ok～～")
     n = len("What?! No way... 3.5 stars!!! 😂😂 ok～～")
     assert g["question_ascii_rate"] == pytest.approx(100 / n)
     assert g["excl_ascii_rate"] == pytest.approx(400 / n)
@@ -254,27 +254,27 @@ def test_features_of_hand_made_strings():
     assert g["sentences"] == 4  # What / No way / 3.5 stars / 😂😂 ok (the emoji run alone is no sentence)
     assert g["fullwidth_punct_share"] == pytest.approx(2 / 11)  # ～～ of ?!...!!!.～～ (11 marks, "." in 3.5)
 
-    empty = style.text_features("   ")
+    empty = stylometry.text_features("   ")
     assert empty["length"] == 0 and empty["sentences"] == 0 and math.isnan(empty["fullwidth_punct_share"])
-    assert math.isnan(style.text_features("没有标点")["fullwidth_punct_share"])
-    assert style.text_features("没有标点")["sentences"] == 1
+    assert math.isnan(stylometry.text_features("没有标点")["fullwidth_punct_share"])
+    assert stylometry.text_features("没有标点")["sentences"] == 1
 
 
 def test_style_distance_basics():
     refs = ["好看！！", "一般吧。", "太长了……不过还行", "ok", "不推荐"]
     users = ["a", "a", "b", "b", "b"]
-    same = style.style_distance(refs, refs, users)
+    same = stylometry.style_distance(refs, refs, users)
     assert same["style_distance"] == 0
     assert all(v["distance"] == 0 for v in same["style_features"].values() if v["distance"] is not None)
-    shouty = style.style_distance(["好看！！！！！"] * 5, refs, users)
+    shouty = stylometry.style_distance(["好看！！！！！"] * 5, refs, users)
     assert shouty["style_distance"] > 0
     assert shouty["style_features"]["excl_fullwidth_rate"]["system_mean"] == pytest.approx(100 * 5 / 7)
     assert shouty["style_features"]["length"]["reference_mean"] == pytest.approx(np.mean([len(r) for r in refs]))
     # Where the references never vary (no '?' at all) the pooled std scales the term: finite, not a blow-up.
-    questions = style.style_distance(["真的吗?"] * 5, refs, users)["style_features"]["question_ascii_rate"]
+    questions = stylometry.style_distance(["真的吗?"] * 5, refs, users)["style_features"]["question_ascii_rate"]
     assert questions["reference_mean"] == 0 and 0 < questions["distance"] < 10
     # Undefined share (no punctuation in any output of user a) is left out, not NaN in the total.
-    plain = style.style_distance(["好看", "一般", "太长了", "ok", "不推荐"], refs, users)
+    plain = stylometry.style_distance(["好看", "一般", "太长了", "ok", "不推荐"], refs, users)
     assert math.isfinite(plain["style_distance"])
 
 
@@ -293,13 +293,13 @@ def test_style_distance_same_user_closer_than_strangers(real):
         texts = real.history[user]
         return texts[-1 - k % len(texts)]
 
-    own = style.style_distance([recent(u, k) for u, k in zip(real.users, position, strict=True)],
+    own = stylometry.style_distance([recent(u, k) for u, k in zip(real.users, position, strict=True)],
                                real.references, real.users)["style_distance"]
     strangers = []
     for shift in range(1, len(keys)):
         other = {k: keys[(i + shift) % len(keys)] for i, k in enumerate(keys)}
-        strangers.append(style.style_distance([recent(other[u], k) for u, k in zip(real.users, position, strict=True)],
-                                              real.references, real.users)["style_distance"])
+        texts = [recent(other[u], k) for u, k in zip(real.users, position, strict=True)]
+        strangers.append(stylometry.style_distance(texts, real.references, real.users)["style_distance"])
     assert own > 0
     assert np.mean(strangers) > own
 
