@@ -2,20 +2,29 @@
 
     python evaluate_movie_review.py --model_dir outputs/exp1_full            # generate + score
     python evaluate_movie_review.py --model_dir outputs/exp1_full --baselines_only
+    python evaluate_movie_review.py --test_file outputs/exp1_full/test_samples.json --predictions other.jsonl
     python evaluate_movie_review.py --compare outputs/exp1_full outputs/exp4_baseline
 
 Input: ``test_samples.json`` written by ``train_distributed_MovieReview.py`` (a list of
 ``data_loader_movie_review.sample_record`` dicts). Each prompt is fed exactly as training saw it
 (``tokenizer(prompt, add_special_tokens=False)``) and the model continues it with one review, up to EOS.
 
-Output (``MODEL_DIR/eval/`` or ``--output_dir``): ``predictions.jsonl`` (one line per test sample: reference,
-prediction, baseline outputs) and ``metrics.json`` (scores plus exactly how each was computed). metrics.json is
-written last, so its presence means the evaluation finished.
+``--predictions P.jsonl`` scores outputs made elsewhere instead (one JSON object per line: ``index``,
+``prediction``; read by ``review_lm.predictions``) without loading a model: they take the model's place in
+metrics.json (``model``), so ``--compare`` treats them like a model run. It needs ``--test_file`` and takes no
+``--model_dir`` (the predictions are not that model's); output defaults to ``P_eval/`` beside the file.
 
-Scores and baselines: ``review_lm.metrics`` (each definition also goes into metrics.json); generation:
-``review_lm.generation``; tables and ``--compare``: ``review_lm.comparison``. torch / transformers /
-sacrebleu / rouge-score / matplotlib are imported inside the functions that need them, so ``--compare``,
-``--baselines_only`` and input errors answer without loading torch.
+Output (``MODEL_DIR/eval/`` or ``--output_dir``): ``predictions.jsonl`` (one line per test sample: reference,
+prediction, baseline outputs), ``style.png`` (the style metrics at a glance) and ``metrics.json`` (scores plus
+exactly how each was computed). metrics.json is written last, so its presence means the evaluation finished.
+
+Two kinds of scores, for the model and every baseline on the same test samples: overlap with the user's real
+review of the film (``review_lm.metrics``) and whether the output writes like *this* user: attribution,
+stylometry, copying (``review_lm.style``, run by ``review_lm.style_report``; ``--style_pool`` adds other users as
+attribution negatives). Every definition goes into metrics.json. Generation: ``review_lm.generation``; tables
+and ``--compare``: ``review_lm.comparison``. torch / transformers / sacrebleu / rouge-score / scikit-learn /
+matplotlib are imported inside the functions that need them, so ``--compare``, ``--baselines_only``,
+``--predictions`` and input errors answer without loading torch.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from review_lm import model_loading, run_folder
+from review_lm import model_loading, run_folder, style
 from review_lm.comparison import compare, markdown_table, table_rows
 from review_lm.generation import Generated, GenerationSettings, generate_predictions
 from review_lm.metrics import (
@@ -36,22 +45,27 @@ from review_lm.metrics import (
     metric_definitions,
     reference_statistics,
     references_digest,
+    sample_rouge,
 )
+from review_lm.predictions import read_predictions
 from review_lm.run_folder import (
     EVAL_DIR,
     METRICS_FILE,
+    PREDICTIONS_EVAL_SUFFIX,
     PREDICTIONS_FILE,
+    STYLE_FIGURE,
     TEST_SAMPLES,
     SampleSet,
     load_test_samples,
 )
+from review_lm.style_report import TABLE_LEGEND, load_style_pool, style_metrics
 from review_lm.utils import UsageError, library_versions, write_json_atomic, write_text_atomic
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing results
 # --------------------------------------------------------------------------------------------------------------
-def prediction_rows(test: SampleSet, generated: Generated | None,
+def prediction_rows(test: SampleSet, generated: Generated | None, given: list[str] | None,
                     baselines: dict[str, list[str]] | None) -> list[dict[str, Any]]:
     rows = []
     for i, s in enumerate(test.samples):
@@ -62,6 +76,8 @@ def prediction_rows(test: SampleSet, generated: Generated | None,
             row["prediction"] = generated.texts[i]
             row["prediction_tokens"] = generated.token_counts[i]
             row["hit_max_new_tokens"] = generated.hit_limit[i]
+        elif given is not None:
+            row["prediction"] = given[i]
         for name, outputs in (baselines or {}).items():
             row[f"baseline_{name}"] = outputs[i]
         rows.append(row)
@@ -79,15 +95,38 @@ def check_model_dir(model_dir: str, need_model: bool) -> None:
                          else f"{model_dir}: not a folder")
 
 
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
+    """The test file and the output folder; refuses a combination that would be ambiguous (one line)."""
+    if args.predictions is None and not args.model_dir:  # --baselines_only --test_file T: no model at all
+        return args.test_file, args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.test_file)),
+                                                               EVAL_DIR)
+    if args.predictions is None:
+        check_model_dir(args.model_dir, need_model=not args.baselines_only)
+        return (args.test_file or os.path.join(args.model_dir, TEST_SAMPLES),
+                args.output_dir or os.path.join(args.model_dir, EVAL_DIR))
+    if args.model_dir:
+        raise UsageError("--predictions scores a file of predictions, not a model: drop --model_dir and name the "
+                         "test set with --test_file (e.g. RUN/test_samples.json)")
+    if args.baselines_only:
+        raise UsageError("--baselines_only and --predictions exclude each other (the baselines are scored with "
+                         "the predictions anyway)")
+    if not args.test_file:
+        raise UsageError("--predictions needs --test_file: the test_samples.json the predictions were made for")
+    out_dir = args.output_dir or os.path.splitext(args.predictions)[0] + PREDICTIONS_EVAL_SUFFIX
+    if os.path.abspath(os.path.join(out_dir, PREDICTIONS_FILE)) == os.path.abspath(args.predictions):
+        raise UsageError(f"{args.predictions}: --output_dir {out_dir} would overwrite the predictions being scored; "
+                         "choose another --output_dir")
+    return args.test_file, out_dir
+
+
 def evaluate(args: argparse.Namespace) -> int:
-    model_dir = args.model_dir
-    check_model_dir(model_dir, need_model=not args.baselines_only)
-    test_file = args.test_file or os.path.join(model_dir, TEST_SAMPLES)
+    test_file, out_dir = resolve_inputs(args)
     test = load_test_samples(test_file)
     if args.baselines_only and not test.has_history:
         raise UsageError(f"{test_file}: samples have no earlier reviews (no 'earlier_reviews' and no "
                          f"{run_folder.TEST_HISTORIES} beside it), so there are no baselines to compute")
-    out_dir = args.output_dir or os.path.join(model_dir, EVAL_DIR)
+    given = read_predictions(args.predictions, test.samples) if args.predictions else None
+    pool = load_style_pool(args.style_pool, test)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
     if os.path.exists(metrics_path) and not args.overwrite:
         raise UsageError(f"{metrics_path}: already exists; pass --overwrite to replace it")
@@ -100,21 +139,33 @@ def evaluate(args: argparse.Namespace) -> int:
     if baselines is None:
         print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
-    if not args.baselines_only:
+    if not args.baselines_only and given is None:
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
                                       args.trust_remote_code, args.base_model)
-        generated = generate_predictions(model_dir, [s["prompt"] for s in test.samples], settings,
+        generated = generate_predictions(args.model_dir, [s["prompt"] for s in test.samples], settings,
                                          progress=not args.no_progress)
+    outputs = generated.texts if generated is not None else given
+
+    # Every system on the same samples: overlap with the real review, then does it write like this user?
+    systems = {**({"model": outputs} if outputs is not None else {}), **(baselines or {})}
+    rouge = {name: sample_rouge(texts, references) for name, texts in systems.items()}
+    scores = {name: compute_metrics(texts, references, rouge[name]) for name, texts in systems.items()}
+    label = "predictions" if given is not None else "model"
+    styled = style_metrics(test, systems, "model" if outputs is not None else None, label, pool, args.seed,
+                           {name: r["rougeL"] for name, r in rouge.items()}, STYLE_FIGURE)
+    for name, numbers in styled.systems.items():
+        scores[name].update(numbers)
 
     metrics = {
-        "model": compute_metrics(generated.texts, references) if generated else None,
-        "baselines": {name: compute_metrics(outputs, references) for name, outputs in (baselines or {}).items()},
-        "references": reference_statistics(references),
+        "model": scores.get("model"),
+        "baselines": {name: scores[name] for name in baselines or {}},
+        "references": {**reference_statistics(references), **styled.reference},
         "num_samples": len(test.samples),
-        "empty_outputs": {"model": sum(not t for t in generated.texts) if generated else None,
-                          **{name: sum(not t for t in outputs) for name, outputs in (baselines or {}).items()}},
-        "model_dir": os.path.abspath(model_dir),
+        "empty_outputs": {"model": sum(not t for t in outputs) if outputs is not None else None,
+                          **{name: sum(not t for t in texts) for name, texts in (baselines or {}).items()}},
+        "model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
+        "predictions_file": os.path.abspath(args.predictions) if args.predictions else None,
         "test_file": os.path.abspath(test_file),
         "references_sha256": references_digest(references),
         "generation": None if generated is None else {
@@ -127,29 +178,41 @@ def evaluate(args: argparse.Namespace) -> int:
             "random": f"random.Random({args.seed}).choice(earlier reviews) per sample in file order; '' if none",
             "seed": args.seed,
         } if baselines else None,
-        "metric_definitions": metric_definitions(),
-        "training_arguments": run_folder.recorded_arguments(model_dir),  # tells ablations apart
-        "versions": library_versions(("sacrebleu", "rouge-score", "torch", "transformers")),
+        "style": styled.section,
+        "metric_definitions": {**metric_definitions(), **style.definitions()},
+        "training_arguments": run_folder.recorded_arguments(args.model_dir) if args.model_dir else None,
+        "versions": library_versions(("sacrebleu", "rouge-score", "scikit-learn", "rapidfuzz", "torch",
+                                      "transformers")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runtime_s": round(time.time() - started, 2),
     }
 
     os.makedirs(out_dir, exist_ok=True)
-    # metrics.json marks a finished evaluation: drop the old one first, so that a crash between the two writes
+    # metrics.json marks a finished evaluation: drop the old one first, so that a crash between the writes
     # leaves new predictions without metrics (re-runnable) rather than new predictions beside old metrics.
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
-    rows = prediction_rows(test, generated, baselines)
+    rows = prediction_rows(test, generated, given, baselines)
     write_text_atomic(os.path.join(out_dir, PREDICTIONS_FILE),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    figure = os.path.join(out_dir, STYLE_FIGURE)
+    styled.write_figure(figure)
     write_json_atomic(metrics_path, metrics)
 
-    print(f"{len(test.samples)} test samples from {test_file}")
-    print(markdown_table(table_rows(metrics)))
+    print(f"{len(test.samples)} test samples from {test_file}" + (f", predictions from {args.predictions}"
+                                                                  if given is not None else ""))
+    for note in styled.notes:
+        print(f"note: {note}")
+    print(markdown_table(table_rows(metrics, label)))
+    if styled.systems:
+        print(TABLE_LEGEND)
+    if styled.per_user_table:
+        print(f"\nper user ({label}):\n{styled.per_user_table}")
     if generated is not None and any(generated.hit_limit):
         print(f"note: {sum(generated.hit_limit)} predictions stopped at --max_new_tokens {args.max_new_tokens} "
               "without EOS")
-    print(f"\nwritten: {os.path.join(out_dir, PREDICTIONS_FILE)}, {metrics_path}")
+    written = [os.path.join(out_dir, PREDICTIONS_FILE), *([figure] if styled.evaluator else []), metrics_path]
+    print(f"\nwritten: {', '.join(written)}")
     return 0
 
 
@@ -161,7 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "or compare several evaluated runs.")
     p.add_argument("--model_dir", help="trained model folder (with test_samples.json) to evaluate")
     p.add_argument("--test_file", help="test samples JSON (default: MODEL_DIR/test_samples.json)")
-    p.add_argument("--output_dir", help="where to write predictions.jsonl and metrics.json (default: MODEL_DIR/eval)")
+    p.add_argument("--predictions", metavar="P.jsonl",
+                   help="score these predictions (JSONL: index, prediction) for --test_file instead of a model")
+    p.add_argument("--style_pool", nargs="+", metavar="FILE|DIR",
+                   help="other users' review files: extra attribution classes (negatives only), e.g. for one user")
+    p.add_argument("--output_dir", help="where to write predictions.jsonl, style.png and metrics.json "
+                                        "(default: MODEL_DIR/eval; with --predictions P.jsonl: P_eval/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json in the output folder")
     p.add_argument("--baselines_only", action="store_true", help="score only the model-free baselines (no model)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
@@ -181,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compare evaluated runs (run dir, its eval dir, or a metrics.json) instead of evaluating")
     p.add_argument("--compare_out", default="comparison.png", help="chart written by --compare (./comparison.png)")
     args = p.parse_args(argv)
-    if args.compare is None and not args.model_dir:
-        p.error("--model_dir is required (or use --compare DIR [DIR ...])")
+    if args.compare is None and not (args.model_dir or args.predictions or (args.baselines_only and args.test_file)):
+        p.error("--model_dir is required (or --test_file T --predictions P.jsonl, or --compare DIR [DIR ...])")
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
     if args.max_new_tokens < 1:

@@ -10,28 +10,41 @@ from typing import Any
 
 from review_lm.metrics import METRICS, SCORE_KEYS
 from review_lm.run_folder import EVAL_DIR, METRICS_FILE, read_json
+from review_lm.style_report import COLUMNS as STYLE_COLUMNS
+from review_lm.style_report import TABLE_LEGEND
 from review_lm.utils import UsageError, pyplot, write_atomic
+
+ONE_DECIMAL = ("avg_length", "attribution", "copy_rate")
+THREE_DECIMALS = ("style_distance",)
 
 
 def format_value(key: str, value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.1f}" if key == "avg_length" else f"{value:.2f}"
+    return f"{value:.1f}" if key in ONE_DECIMAL else f"{value:.3f}" if key in THREE_DECIMALS else f"{value:.2f}"
+
+
+def has_style(rows: Sequence[tuple[str, dict[str, float] | None]]) -> bool:
+    """Any row with a style number (metrics.json files written before the style metrics have none)."""
+    return any((values or {}).get(key) is not None for _, values in rows for key, _ in STYLE_COLUMNS)
 
 
 def markdown_table(rows: Sequence[tuple[str, dict[str, float] | None]]) -> str:
-    """One row per (name, metrics); a metric missing from a row shows as "-"."""
-    header = "| run | " + " | ".join(title for _, title in METRICS) + " |"
-    rule = "|---|" + "---:|" * len(METRICS)
+    """One row per (name, metrics); a metric missing from a row shows as "-". The style columns (attribution,
+    copy rate, style distance) are shown when any row has one of them."""
+    columns = [*METRICS, *(STYLE_COLUMNS if has_style(rows) else ())]
+    header = "| run | " + " | ".join(title for _, title in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
     lines = [header, rule]
     for name, values in rows:
-        cells = [format_value(key, (values or {}).get(key)) for key, _ in METRICS]
+        cells = [format_value(key, (values or {}).get(key)) for key, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def table_rows(metrics: dict[str, Any], model_name: str = "model") -> list[tuple[str, dict[str, float]]]:
-    """Rows of one metrics.json: the model (if evaluated), each baseline, and the references' own stats."""
+    """Rows of one metrics.json: the model (if evaluated), each baseline, the references' own stats (their
+    attribution is the ceiling) and, when attribution was measured, its chance level."""
     rows = []
     if metrics.get("model"):
         rows.append((model_name, metrics["model"]))
@@ -39,6 +52,9 @@ def table_rows(metrics: dict[str, Any], model_name: str = "model") -> list[tuple
         rows.append((f"baseline: {name}", values))
     if metrics.get("references"):
         rows.append(("reference", metrics["references"]))
+    chance = (metrics.get("style") or {}).get("attribution_chance")
+    if chance is not None:
+        rows.append(("chance", {"attribution": chance}))
     return rows
 
 
@@ -91,12 +107,46 @@ def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str,
     return rows
 
 
+def _plot_style(ax_share, ax_distance, bars: Sequence[tuple[str, dict[str, float]]], reference: dict[str, float],
+                chance: float | None) -> None:
+    """Attribution and copy rate (0-100) with the ceiling and chance marked; style distance on its own axis."""
+    shares = [("attribution", "attribution"), ("copy_rate", "copy rate")]
+    width = 0.8 / max(1, len(bars))
+    for j, (name, values) in enumerate(bars):
+        hatch = "//" if name.startswith("baseline") else None
+        offset = (j - (len(bars) - 1) / 2) * width
+        ax_share.bar([i + offset for i in range(len(shares))], [values.get(k) or 0.0 for k, _ in shares], width,
+                     hatch=hatch, color=f"C{j}")
+        ax_distance.bar([offset], [values.get("style_distance") or 0.0], width, hatch=hatch, color=f"C{j}")
+    if reference.get("attribution") is not None:
+        ax_share.hlines(reference["attribution"], -0.45, 0.45, colors="black", linestyles="--",
+                        label="ceiling (real test reviews)")
+    if chance is not None:
+        ax_share.hlines(chance, -0.45, 0.45, colors="grey", linestyles=":", label="chance")
+    if reference.get("copy_rate") is not None:
+        ax_share.hlines(reference["copy_rate"], 0.55, 1.45, colors="black", linestyles="--")
+    ax_share.set_xticks(range(len(shares)), [t for _, t in shares])
+    ax_share.set_ylabel("% of outputs")
+    ax_share.set_ylim(0, 100)
+    ax_share.grid(axis="y", alpha=0.3)
+    ax_share.legend(fontsize="small")
+    ax_distance.set_xticks([0], ["style distance"])
+    ax_distance.set_ylabel("std. deviations (0 = real reviews)")
+    ax_distance.grid(axis="y", alpha=0.3)
+
+
 def plot_comparison(path: str, rows: Sequence[tuple[str, dict[str, float] | None]]) -> None:
     """Grouped bars: scores (0-100) on the left, average length (characters) on its own axis on the right."""
     plt = pyplot()
-    bars = [(name, values or {}) for name, values in rows if name != "reference"]
+    bars = [(name, values or {}) for name, values in rows if name not in ("reference", "chance")]
     reference = dict(rows).get("reference") or {}
-    fig, (ax_scores, ax_len) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [6, 1.4]})
+    style = has_style(rows)
+    ratios = [6, 1.4, *([2.4, 1.4] if style else [])]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(13 + (6 if style else 0), 5),
+                             gridspec_kw={"width_ratios": ratios})
+    ax_scores, ax_len = axes[0], axes[1]
+    if style:
+        _plot_style(axes[2], axes[3], bars, reference, (dict(rows).get("chance") or {}).get("attribution"))
     score_metrics = [(k, t) for k, t in METRICS if k in SCORE_KEYS]
     width = 0.8 / max(1, len(bars))
     for j, (name, values) in enumerate(bars):
@@ -137,6 +187,8 @@ def compare(paths: Sequence[str], out_png: str) -> int:
               file=sys.stderr)
     rows = comparison_rows(runs)
     print(markdown_table(rows))
+    if has_style(rows):
+        print(TABLE_LEGEND)
     plot_comparison(out_png, rows)
     print(f"\nchart: {out_png}")
     return 0

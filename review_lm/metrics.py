@@ -88,12 +88,29 @@ def average_length(texts: Sequence[str]) -> float:
     return sum(len(t) for t in texts) / len(texts) if texts else 0.0
 
 
-def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def sample_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 (0-1) of each prediction against its reference (rouge-score with :class:`CharTokenizer`)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=CharTokenizer())
+    out: dict[str, list[float]] = {name: [] for name in ROUGE_TYPES}
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # score(target, prediction): argument order matters
+        for name in ROUGE_TYPES:
+            out[name].append(scores[name].fmeasure)
+    return out
+
+
+def compute_metrics(predictions: Sequence[str], references: Sequence[str],
+                    rouge: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Scores of ``predictions`` against ``references`` (one reference each), as described in the module doc.
 
-    Empty predictions are fine (they score 0). Raises ``ValueError`` for an empty or mismatched list.
+    ``rouge``: :func:`sample_rouge` of the same lists, if already computed (evaluation keeps the per-sample
+    ROUGE-L for its per-user table). Empty predictions are fine (they score 0). Raises ``ValueError`` for an
+    empty or mismatched list.
     """
-    from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU, CHRF
 
     if len(predictions) != len(references):
@@ -103,14 +120,9 @@ def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
     predictions, references = list(predictions), list(references)
     bleu = BLEU(tokenize="zh").corpus_score(predictions, [references]).score
     chrf = CHRF().corpus_score(predictions, [references]).score
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=CharTokenizer())
-    rouge_sums = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(reference, prediction)  # score(target, prediction): argument order matters
-        for name in ROUGE_TYPES:
-            rouge_sums[name] += scores[name].fmeasure
+    rouge = sample_rouge(predictions, references) if rouge is None else rouge
     metrics = {"bleu": bleu, "chrf": chrf}
-    metrics.update({name: 100.0 * total / len(predictions) for name, total in rouge_sums.items()})
+    metrics.update({name: 100.0 * sum(rouge[name]) / len(predictions) for name in ROUGE_TYPES})
     metrics["distinct_1"] = distinct_n(predictions, 1)
     metrics["distinct_2"] = distinct_n(predictions, 2)
     metrics["avg_length"] = average_length(predictions)
@@ -135,7 +147,8 @@ def metric_definitions() -> dict[str, Any]:
     rouge = f"rouge-score {package_version('rouge-score')}"
     units = CharTokenizer.description
     return {
-        "scale": "bleu, chrf, rouge*, distinct_* are 0-100; avg_length is in characters",
+        "scale": ("bleu, chrf, rouge*, distinct_*, attribution*, copy_* are 0-100; avg_length is in characters; "
+                  "style_distance is in standard deviations of the real test reviews"),
         "bleu": {"what": "corpus BLEU-4, one reference per sample",
                  "how": "sacrebleu.metrics.BLEU(tokenize='zh').corpus_score (= sacrebleu.corpus_bleu)",
                  "signature": bleu_sig},

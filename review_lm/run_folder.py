@@ -35,6 +35,8 @@ WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed ru
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
 METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
+STYLE_FIGURE = "style.png"  # inside EVAL_DIR: lengths, punctuation, attribution confusion (review_lm.style_report)
+PREDICTIONS_EVAL_SUFFIX = "_eval"  # --predictions P.jsonl without --output_dir writes P_eval/ beside the file
 
 # What a model folder holds, as transformers and peft write it.
 CONFIG = "config.json"

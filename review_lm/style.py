@@ -13,9 +13,9 @@ Three questions, one number each (plus context numbers, see :func:`definitions` 
   ``attribution`` = share of outputs attributed to their intended user; ``attribution_shuffled`` = the same
   predictions scored against randomly permuted intended users (what ignoring the user reaches);
   ``attribution_chance`` = 100 / classes; ``attribution_ceiling`` = attribution of the real test references.
-* **Stylometry** (:mod:`review_lm.stylometry`: ``text_features``, ``style_distance``): surface style features per text; the distance
-  between a system's per-user feature means and the real test reviews' per-user means, in units of the
-  reference standard deviation, averaged over features and over test samples.
+* **Stylometry** (:mod:`review_lm.stylometry`: ``text_features``, ``style_distance``): surface style features
+  per text; the distance between a system's per-user feature means and the real test reviews' per-user means,
+  in units of the reference standard deviation, averaged over features and over test samples.
 * **Copying** (:func:`copy_overlaps`, :func:`copy_report`): share of outputs whose character ROUGE-L F1 against
   one of the user's earlier reviews is >= 0.8, and the mean best overlap.
 
@@ -456,10 +456,19 @@ class StyleEvaluator:
         return labels, matrix
 
     def plot(self, path: str, systems: Mapping[str, Sequence[str]], confusion_system: str | None = None,
-             top_n: int = 12) -> None:
+             top_n: int = 12, user_labels: Mapping[Hashable, str] | None = None) -> None:
         """A PNG: length distribution and mean punctuation rates of each system vs the real test reviews, and
         (when attribution is available) the attribution confusion matrix of ``confusion_system`` (default: the
-        first system) over the ``top_n`` users with the most test samples."""
+        first system) over the ``top_n`` users with the most test samples (named by ``user_labels``, else the key).
+        Without a CJK font, Chinese names draw as boxes: matplotlib's missing-glyph warnings are silenced."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
+            self._plot(path, systems, confusion_system, top_n, user_labels or {})
+
+    def _plot(self, path: str, systems: Mapping[str, Sequence[str]], confusion_system: str | None, top_n: int,
+              user_labels: Mapping[Hashable, str]) -> None:
         plt = pyplot()
         named = {"real test reviews": self.references, **systems}
         has_confusion = self.model is not None and bool(systems)
@@ -493,7 +502,7 @@ class StyleEvaluator:
             ax = axes[2]
             shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
             ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-            names = [str(u)[:12] for u in labels]
+            names = [str(user_labels.get(u, u))[:14] for u in labels]
             ax.set_xticks(range(len(labels) + 1))
             ax.set_xticklabels([*names, "other"], rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(labels)))
@@ -507,7 +516,7 @@ class StyleEvaluator:
             ax.set_ylabel("intended user")
             ax.set_title(f"attribution of '{name}' (top {len(labels)} users)")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, format="png", dpi=110)
         plt.close(fig)
 
 

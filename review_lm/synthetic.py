@@ -41,3 +41,23 @@ def synthetic_user(pool: list[dict], n: int, name: str = "bench", start: int = 0
         records.append(r)
     return {"user": {"profile": {"name": name}},
             "task": {"description": TASK, "task_behavior_collections": [{"type": "movie_review", "data": records}]}}
+
+
+def write_test_set(test_samples: list, folder: str) -> str:
+    """``test_samples.json`` + ``test_histories.json`` in ``folder`` for ``test_samples`` (``dl.Sample`` objects
+    of the test split), without a tokenizer: evaluation reads only texts, so benchmarks and tests of it need no
+    model (prompts rendered by the default ``PromptBuilder``; no token counts). Returns the test file's path."""
+    import data_loader_movie_review as dl
+    from review_lm import run_folder
+    from review_lm.utils import write_json_atomic
+
+    builder = dl.PromptBuilder()
+    records = [{"user": s.user.name, "user_index": s.user.index, "record_index": s.target.record_index,
+                "movie": s.target.movie, "timestamp": s.target.timestamp, "split": s.split,
+                "prompt": builder.render(s), "reference": s.target.text, "position": s.position}
+               for s in test_samples]
+    os.makedirs(folder, exist_ok=True)
+    test_file = os.path.join(folder, run_folder.TEST_SAMPLES)
+    write_json_atomic(test_file, records)
+    run_folder.write_test_histories(os.path.join(folder, run_folder.TEST_HISTORIES), test_samples)
+    return test_file
