@@ -363,7 +363,9 @@ class StyleEvaluator:
         self._intended = None if self.model is None else _intended_indices(self.model, self.intended_users)
         self.reference_features = feature_matrix(self.references)
         self.scale = reference_scale(self.reference_features)
-        self.reference_scores = self.score(self.references)
+        analysis = self._analyse(self.references)
+        self.reference_scores = self._score(analysis)
+        self.reference_rows = self._rows(analysis)  # per_user_rows(references), computed once
 
     def _analyse(self, outputs: Sequence[str]) -> _Analysis:
         if len(outputs) != len(self.references):

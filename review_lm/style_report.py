@@ -134,7 +134,7 @@ def style_metrics(test: SampleSet, systems: Mapping[str, Sequence[str]], main: s
         features[name] = numbers["style_features"]
         per_user[name] = _named_rows(rows, names, users, rouge_l.get(name))
     reference = {k: evaluator.reference_scores[k] for k in SYSTEM_KEYS}
-    reference_rows = _named_rows(evaluator.per_user_rows(test.references), names, users, None)
+    reference_rows = _named_rows(evaluator.reference_rows, names, users, None)
 
     notes = [pool.note()] if pool else []
     if evaluator.skipped_reason:

@@ -20,6 +20,7 @@ import evaluate_movie_review as ev
 from review_lm import generation, metrics
 from review_lm import metrics as review_metrics
 from review_lm import model_loading as ml
+from review_lm.style_report import SYSTEM_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "evaluate_movie_review.py")
@@ -244,7 +245,7 @@ def test_baselines_never_read_the_reference():
 def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_copy, test_samples):
     assert evaluate_in_process("--model_dir", str(run_copy), "--max_new_tokens", "5") == 0
     eval_dir = run_copy / "eval"
-    assert sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json", "predictions.jsonl"]  # no temp files
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json", "predictions.jsonl", "style.png"]  # no tmp
     rows = read_jsonl(eval_dir / "predictions.jsonl")
     assert len(rows) == len(test_samples)
     for row, sample in zip(rows, test_samples, strict=True):
@@ -257,7 +258,8 @@ def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_cop
     assert max(r["prediction_tokens"] for r in rows) == 5
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["num_samples"] == 5
-    assert set(metrics["model"]) == set(metrics["baselines"]["last"]) == {k for k, _ in review_metrics.METRICS}
+    assert set(metrics["model"]) == set(metrics["baselines"]["last"]) == {
+        *(k for k, _ in review_metrics.METRICS), *SYSTEM_KEYS}
     assert set(metrics["baselines"]) == {"last", "random"}
     assert metrics["generation"]["generation_config"]["max_new_tokens"] == 5
     assert metrics["generation"]["generation_config"]["do_sample"] is False
@@ -351,7 +353,7 @@ def test_model_that_stops_at_once_gives_empty_predictions(tiny_run, tmp_path):
     rows = read_jsonl(model_dir / "eval" / "predictions.jsonl")
     assert [(r["prediction"], r["prediction_tokens"], r["hit_max_new_tokens"]) for r in rows] == [("", 0, False)] * 5
     metrics = json.loads((model_dir / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    assert metrics["model"] == {key: 0.0 for key, _ in review_metrics.METRICS}
+    assert metrics["model"] == {key: 0.0 for key, _ in review_metrics.METRICS}  # no histories: no style numbers
     assert metrics["empty_outputs"]["model"] == 5
 
 

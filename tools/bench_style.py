@@ -14,8 +14,8 @@ Two parts:
   cycled, ``review_lm.synthetic.synthetic_user``); the style metrics of three systems (the two baselines and the
   real test reviews) on the resulting test split, timed, next to the overlap metrics of one system.
 
-    python tools/bench_style.py                                   # real users + 1,000 users x 100 reviews
-    flock /tmp/heavy.lock python tools/bench_style.py --scale_users 3000
+    python tools/bench_style.py                        # real users + 100 and 1,000 users x 100 reviews
+    flock /tmp/heavy.lock python tools/bench_style.py --scale_users 30 3000
 """
 
 from __future__ import annotations
@@ -125,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", default=[REAL_DIR], help="review files/folders (default: all real users)")
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "bench_style"), help="where runs are written")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale_users", type=int, default=1000, help="synthetic users for the timing (0: skip)")
+    p.add_argument("--scale_users", type=int, nargs="+", default=[100, 1000],
+                   help="synthetic users for the timing, one run each (0: skip)")
     p.add_argument("--scale_reviews", type=int, default=100)
     args = p.parse_args(argv)
     real_users(args.data, args.out, args.seed)
-    if args.scale_users:
-        scale(args.scale_users, args.scale_reviews, args.seed)
+    for users in args.scale_users:
+        if users:
+            scale(users, args.scale_reviews, args.seed)
     return 0
 
 
