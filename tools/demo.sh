@@ -25,7 +25,11 @@ python train_distributed_MovieReview.py \
     --overwrite_output_dir
 
 echo; echo "== 4/5 evaluation on the test split =="
-python evaluate_movie_review.py --model_dir "$RUN" --max_new_tokens 32 --overwrite
+# The example file has one user: attribution ("is it this user's writing?") needs other users as negatives.
+# The real Douban users beside the repository serve, when present (they are not shipped with the project).
+POOL=()
+if [ -d ../shared/data/douban_dmr ]; then POOL=(--style_pool ../shared/data/douban_dmr); fi
+python evaluate_movie_review.py --model_dir "$RUN" --max_new_tokens 32 --overwrite ${POOL[@]+"${POOL[@]}"}
 
 echo; echo "== 5/5 a review of a new film in Y's voice =="
 python generate_review.py --model_dir "$RUN" --movie 流浪地球
@@ -34,7 +38,7 @@ echo
 echo "Demo finished in $(( $(date +%s) - start )) s. Outputs:"
 echo "  $RUN/                 model (pytorch_model.bin), training_config.json, test_samples.json,"
 echo "                        training_samples_preview.txt, loss_curve.png, checkpoint-*/"
-echo "  $RUN/eval/            predictions.jsonl, metrics.json"
+echo "  $RUN/eval/            predictions.jsonl, style.png, metrics.json"
 echo "More reviews: python generate_review.py --model_dir $RUN --interactive"
 echo "Note: the model is tiny and random: its reviews are gibberish. That proves the pipeline only."
 echo "Real training: python train_distributed_MovieReview.py --data_file ... --output_dir ... on a GPU"
