@@ -21,6 +21,14 @@ inline_container.cc:672] . unexpected pos 576 vs 534')`` with no errno; safetens
 '... No space left on device (os error 28)')``; plain ``open().write`` raises ``OSError(28)``. ``is_disk_full``
 recognises all three.
 
+Intended order in the train script (every rank unless said): ``lock = RunLock(out, launch_id()).acquire()``
+first; ``plan_restart(restart_count, overwrite, resume, output_dir_state(out), lock.marker_at_start,
+lock.run_id)``; the usual checks (check_output_dir, and ``resume_decision`` against the stored fingerprint when
+resuming); leader: ``write_launch_marker(out, lock.run_id, "clearing" if plan.remove_previous else
+"started")``, ``remove_partial_checkpoints`` before a resume, ``check_disk_space``; after clearing:
+``write_launch_marker(out, lock.run_id)``; a failed save: ``raise explain_save_failure(...) from err``;
+``lock.release()`` at exit (or ``with``).
+
 Kept free of torch/transformers imports (like ``run_utils`` and ``fault_tolerance``) so that the checks run
 before anything slow.
 """
