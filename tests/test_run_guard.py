@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from review_lm import disk_space as ds
+from review_lm import run_folder as rf
 from review_lm import run_guard as rg
-from run_utils import UsageError
+from review_lm.utils import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,7 +190,7 @@ CHILD = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {repo!r})
     from review_lm import run_guard as rg
-    from run_utils import UsageError
+    from review_lm.utils import UsageError
     out, run_id, hold, go = sys.argv[1], sys.argv[2] or None, float(sys.argv[3]), sys.argv[4]
     while go and not os.path.exists(go):
         time.sleep(0.005)
@@ -238,13 +240,13 @@ def test_lock_creates_only_the_folder_and_lock_file_records_the_holder_and_relea
     out = tmp_path / "new" / "run"
     with rg.RunLock(str(out), "r1") as lock:
         assert lock.held and lock.verified and lock.role == "leader"
-        assert os.listdir(out) == [rg.LOCK_FILE]
+        assert os.listdir(out) == [rf.LOCK_FILE]
         holder = rg.lock_holder(str(out))
         assert holder == lock.holder
         assert holder["pid"] == os.getpid() and holder["run_id"] == "r1" and holder["restart"] == 0
         assert holder["marker_at_start"] is None and holder["host"]
     assert not lock.held and rg.lock_holder(str(out)) is None  # emptied, not deleted
-    assert os.listdir(out) == [rg.LOCK_FILE]
+    assert os.listdir(out) == [rf.LOCK_FILE]
     lock.release()  # idempotent
     logs = []
     rg.RunLock(str(out), "r2", log=logs.append).acquire().release()
@@ -434,8 +436,8 @@ def test_launch_marker_round_trip(tmp_path):
     assert marker["run_id"] == "r1" and marker["phase"] == "clearing" and marker["pid"] == os.getpid()
     rg.write_launch_marker(str(tmp_path), "r1")
     assert rg.read_launch_marker(str(tmp_path))["phase"] == "started"
-    assert sorted(os.listdir(tmp_path)) == [rg.LAUNCH_MARKER]  # no temporary file left
-    (tmp_path / rg.LAUNCH_MARKER).write_text('{"run_id": ')  # torn
+    assert sorted(os.listdir(tmp_path)) == [rf.LAUNCH_MARKER]  # no temporary file left
+    (tmp_path / rf.LAUNCH_MARKER).write_text('{"run_id": ')  # torn
     assert rg.read_launch_marker(str(tmp_path)) is None
     with pytest.raises(ValueError):
         rg.write_launch_marker(str(tmp_path), "r1", phase="done")
@@ -488,16 +490,16 @@ def test_plan_restart_messages_say_what_happens():
 def test_estimate_run_bytes_formula():
     # Full fine-tuning, fp32 weights + AdamW: 3 checkpoints (limit 2 + the one being written) + 1 final copy.
     n = 1_000_000
-    assert rg.estimate_run_bytes(n, n, 4, 8, checkpoints_kept=3, final_copies=1) == (4 * n + 8 * n) * 3 + 4 * n
-    assert rg.estimate_run_bytes(n, n, 4) == 40 * n  # the defaults: adamw, 3 kept, 1 final
+    assert ds.estimate_run_bytes(n, n, 4, 8, checkpoints_kept=3, final_copies=1) == (4 * n + 8 * n) * 3 + 4 * n
+    assert ds.estimate_run_bytes(n, n, 4) == 40 * n  # the defaults: adamw, 3 kept, 1 final
     # LoRA: checkpoints hold the adapter and its optimizer state only.
-    assert rg.estimate_run_bytes(n, 1000, 4, 8, 3, 1, saved_params=1000) == 12_000 * 3 + 4000
+    assert ds.estimate_run_bytes(n, 1000, 4, 8, 3, 1, saved_params=1000) == 12_000 * 3 + 4000
     # bf16-pure with Kahan AdamW, bin conversion (2 final copies), tokenizer etc. per copy.
-    assert rg.estimate_run_bytes(n, n, 2, rg.OPTIMIZER_BYTES["adamw_kahan_bf16"], 2, 2, overhead_bytes=10) == (
+    assert ds.estimate_run_bytes(n, n, 2, ds.OPTIMIZER_BYTES["adamw_kahan_bf16"], 2, 2, overhead_bytes=10) == (
         (2 * n + 6 * n + 10) * 2 + 2 * (2 * n + 10))
     # The measured tiny-model checkpoint (STACK_NOTES): 19.5 MB weights, 39 MB optimizer.pt, 11 MB tokenizer.
     params = 19_500_000 // 4
-    per_checkpoint = rg.estimate_run_bytes(params, params, 4, 8, 1, 0, overhead_bytes=11_000_000)
+    per_checkpoint = ds.estimate_run_bytes(params, params, 4, 8, 1, 0, overhead_bytes=11_000_000)
     assert 69e6 < per_checkpoint < 70.5e6
 
 
@@ -505,24 +507,24 @@ def test_estimate_run_bytes_formula():
                                      (7_500_000_000, "7.5 GB"), (250_000_000_000, "250 GB"),
                                      (1_200_000_000_000, "1.2 TB")])
 def test_human_bytes(n, text):
-    assert rg.human_bytes(n) == text
+    assert ds.human_bytes(n) == text
 
 
 def test_disk_space_warning():
-    assert rg.disk_space_warning("out/x", 3_000_000_000, 3_000_000_000) is None
-    assert rg.disk_space_warning("out/x", 3_000_000_000, 10**12) is None
-    warning = rg.disk_space_warning("out/x", 3_400_000_000, 1_200_000_000)
+    assert ds.disk_space_warning("out/x", 3_000_000_000, 3_000_000_000) is None
+    assert ds.disk_space_warning("out/x", 3_000_000_000, 10**12) is None
+    warning = ds.disk_space_warning("out/x", 3_400_000_000, 1_200_000_000)
     assert warning == ("only 1.2 GB free for out/x, but the run needs about 3.4 GB (checkpoints and the final "
                        "model): free space or choose another --output_dir")
 
 
 def test_free_space_is_read_on_the_nearest_existing_parent(tmp_path):
     missing = tmp_path / "a" / "b" / "c"
-    assert rg.existing_parent(str(missing)) == str(tmp_path)
-    assert rg.free_bytes(str(missing)) == shutil.disk_usage(tmp_path).free
-    assert rg.check_disk_space(str(missing), 1) is None
-    assert "only" in rg.check_disk_space(str(missing), 10**18)
-    assert rg.existing_parent("/") == "/"
+    assert ds.existing_parent(str(missing)) == str(tmp_path)
+    assert ds.free_bytes(str(missing)) == shutil.disk_usage(tmp_path).free
+    assert ds.check_disk_space(str(missing), 1) is None
+    assert "only" in ds.check_disk_space(str(missing), 10**18)
+    assert ds.existing_parent("/") == "/"
 
 
 # ==============================================================================================================
@@ -550,8 +552,8 @@ def make_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_a_checkpoint_without_trainer_state_is_incomplete(tmp_path):
-    assert rg.checkpoint_problem(str(make_checkpoint(tmp_path / "checkpoint-1", 1))) is None
-    assert "trainer_state.json" in rg.checkpoint_problem(str(make_checkpoint(tmp_path / "checkpoint-2", 2, False)))
+    assert ds.checkpoint_problem(str(make_checkpoint(tmp_path / "checkpoint-1", 1))) is None
+    assert "trainer_state.json" in ds.checkpoint_problem(str(make_checkpoint(tmp_path / "checkpoint-2", 2, False)))
 
 
 @pytest.mark.parametrize("entries, expected", [
@@ -562,7 +564,7 @@ def test_a_checkpoint_without_trainer_state_is_incomplete(tmp_path):
     ([("c2", "x"), ("c1", "y")], ["c2", "c1"]),  # nothing complete: an interrupted first save
 ])
 def test_partial_to_remove(entries, expected):
-    assert rg.partial_to_remove(entries) == expected
+    assert ds.partial_to_remove(entries) == expected
 
 
 def test_remove_partial_checkpoints_keeps_complete_and_older_ones(tmp_path):
@@ -570,7 +572,7 @@ def test_remove_partial_checkpoints_keeps_complete_and_older_ones(tmp_path):
     make_checkpoint(tmp_path / "checkpoint-2", 2)
     make_checkpoint(tmp_path / "checkpoint-3", 3, complete=False)
     logs = []
-    assert rg.remove_partial_checkpoints(str(tmp_path), logs.append) == [str(tmp_path / "checkpoint-3")]
+    assert ds.remove_partial_checkpoints(str(tmp_path), logs.append) == [str(tmp_path / "checkpoint-3")]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2"]
     assert logs == [f"removed incomplete checkpoint {tmp_path / 'checkpoint-3'}: no trainer_state.json (the save "
                     "was interrupted)"]
@@ -588,13 +590,13 @@ def test_remove_partial_checkpoints_keeps_complete_and_older_ones(tmp_path):
     (ValueError("bad"), 0, False),
 ])
 def test_is_disk_full(err, free, full):
-    assert rg.is_disk_full(err, free) is full
+    assert ds.is_disk_full(err, free) is full
 
 
 def test_is_disk_full_survives_a_cycle_in_the_context_chain():
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__context__, b.__context__ = b, a
-    assert not rg.is_disk_full(a, 0)
+    assert not ds.is_disk_full(a, 0)
 
 
 def test_is_disk_full_looks_at_the_cause():
@@ -604,7 +606,7 @@ def test_is_disk_full_looks_at_the_cause():
         except OSError as inner:
             raise RuntimeError("save failed") from inner
     except RuntimeError as outer:
-        assert rg.is_disk_full(outer)
+        assert ds.is_disk_full(outer)
 
 
 CMD = "python train_distributed_MovieReview.py --data_file d.json --output_dir out/x --resume_from_checkpoint"
@@ -612,21 +614,21 @@ CMD = "python train_distributed_MovieReview.py --data_file d.json --output_dir o
 
 def test_describe_disk_full_names_folder_space_checkpoint_and_command():
     err = OSError(errno.ENOSPC, "No space left on device")
-    line = rg.describe_save_failure(err, "out/x", 3_400_000_000, "out/x/checkpoint-20", CMD, free=0)
+    line = ds.describe_save_failure(err, "out/x", 3_400_000_000, "out/x/checkpoint-20", CMD, free=0)
     assert line == ("saving to out/x failed: the disk is full (the run needs about 3.4 GB, 0 B free now); "
                     f"last complete checkpoint: out/x/checkpoint-20; free space, then resume with: {CMD}")
-    assert rg.describe_save_failure(err, "out/x", None, "c", CMD) == (
+    assert ds.describe_save_failure(err, "out/x", None, "c", CMD) == (
         f"saving to out/x failed: the disk is full; last complete checkpoint: c; free space, then resume with: {CMD}")
 
 
 def test_describe_other_failures_and_no_checkpoint_yet():
     err = OSError(errno.EACCES, "Permission denied", "out/x/checkpoint-5/optimizer.pt")
-    line = rg.describe_save_failure(err, "out/x", 10**9, None, CMD)
+    line = ds.describe_save_failure(err, "out/x", 10**9, None, CMD)
     assert line == ("saving to out/x failed: PermissionError: Permission denied (out/x/checkpoint-5/optimizer.pt); "
                     "no complete checkpoint yet; fix that, then start again (--overwrite_output_dir)")
-    line = rg.describe_save_failure(RuntimeError("first line\nsecond"), "o", None, "o/checkpoint-1", CMD)
+    line = ds.describe_save_failure(RuntimeError("first line\nsecond"), "o", None, "o/checkpoint-1", CMD)
     assert line.startswith("saving to o failed: RuntimeError: first line; last complete checkpoint: o/checkpoint-1")
-    assert "RuntimeError: no message" in rg.describe_save_failure(RuntimeError(), "o", None, None, CMD)
+    assert "RuntimeError: no message" in ds.describe_save_failure(RuntimeError(), "o", None, None, CMD)
 
 
 def test_patched_writer_raising_enospc_gives_one_line_and_removes_the_partial_checkpoint(tmp_path, monkeypatch):
@@ -638,13 +640,13 @@ def test_patched_writer_raising_enospc_gives_one_line_and_removes_the_partial_ch
         (folder / "model.safetensors").write_bytes(safetensors_bytes())
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.pt"))
 
-    monkeypatch.setattr(rg, "free_bytes", lambda path: 5_000_000)
+    monkeypatch.setattr(ds, "free_bytes", lambda path: 5_000_000)
     logs = []
     with pytest.raises(UsageError) as failed:
         try:
             save_checkpoint(out / "checkpoint-20")
         except OSError as err:
-            raise rg.explain_save_failure(err, str(out), 2_000_000_000, CMD, logs.append) from err
+            raise ds.explain_save_failure(err, str(out), 2_000_000_000, CMD, logs.append) from err
     assert str(failed.value) == (f"saving to {out} failed: the disk is full (the run needs about 2.0 GB, 5.0 MB free "
                                  f"now); last complete checkpoint: {out / 'checkpoint-10'}; free space, then resume "
                                  f"with: {CMD}")
@@ -680,13 +682,13 @@ def test_real_full_disk_torch_save_and_plain_write(small_tmpfs):
         torch.save({"w": torch.zeros(1_000_000)}, partial / "optimizer.pt")
     err = failed.value
     assert not isinstance(err, OSError)  # the point: no errno to go by
-    assert rg.free_bytes(str(out)) < 64 * 1024 * 1024
-    assert rg.is_disk_full(err, rg.free_bytes(str(out)))
-    usage_error = rg.explain_save_failure(err, str(out), 4_000_000, CMD, log=lambda m: None)
+    assert ds.free_bytes(str(out)) < 64 * 1024 * 1024
+    assert ds.is_disk_full(err, ds.free_bytes(str(out)))
+    usage_error = ds.explain_save_failure(err, str(out), 4_000_000, CMD, log=lambda m: None)
     message = str(usage_error)
     assert message.startswith(f"saving to {out} failed: the disk is full (the run needs about 4.0 MB, ")
     assert f"last complete checkpoint: {out / 'checkpoint-1'}; free space, then resume with: {CMD}" in message
-    assert not partial.exists() and rg.free_bytes(str(out)) > 1_000_000  # the partial file's space is back
+    assert not partial.exists() and ds.free_bytes(str(out)) > 1_000_000  # the partial file's space is back
     with pytest.raises(OSError) as plain:
         (out / "big").write_bytes(b"\0" * 3_000_000)
-    assert plain.value.errno == errno.ENOSPC and rg.is_disk_full(plain.value)
+    assert plain.value.errno == errno.ENOSPC and ds.is_disk_full(plain.value)
