@@ -25,7 +25,6 @@ name), the record index and what is wrong.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -60,7 +59,7 @@ class ReviewDataError(ValueError):
                  user_name: str | None = None, record_index: int | None = None):
         self.path, self.problem = path, problem
         self.user_index, self.user_name, self.record_index = user_index, user_name, record_index
-        where = [str(path)]
+        where = [str(path)] if path else []  # no path: a flag error, the message names the flag
         if user_index is not None:
             where.append(f"user #{user_index}" + (f" ({user_name})" if user_name else ""))
         if record_index is not None:
@@ -315,7 +314,7 @@ def load_review_data(paths: str | Sequence[str]) -> ReviewData:
 # --------------------------------------------------------------------------------------------------------------
 # Chronological split
 # --------------------------------------------------------------------------------------------------------------
-def check_ratios(train_ratio: float, val_ratio: float, test_ratio: float, path: str = "arguments") -> None:
+def check_ratios(train_ratio: float, val_ratio: float, test_ratio: float, path: str = "") -> None:
     for name, value in (("train_ratio", train_ratio), ("val_ratio", val_ratio), ("test_ratio", test_ratio)):
         if not 0.0 <= value <= 1.0:
             raise ReviewDataError(path, f"--{name} must be between 0 and 1, got {value}")
@@ -501,7 +500,9 @@ def new_review_sample(user: UserHistory, movie: str) -> Sample:
 # Report (CLI; its layout lives in review_lm.data_report)
 # --------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Inspect a Douban review file and its chronological split.")
+    from review_lm.utils import ArgumentParser  # one-line argument errors (no torch)
+
+    parser = ArgumentParser(description="Inspect a Douban review file and its chronological split.")
     parser.add_argument("data_file", nargs="+",
                         help="review JSON file(s) and/or directories of .json files, loaded as one data set")
     parser.add_argument("--train_ratio", type=float, default=DEFAULT_RATIOS[0], help="training share (0.7)")

@@ -59,7 +59,14 @@ from review_lm.run_folder import (
     load_test_samples,
 )
 from review_lm.style_report import TABLE_LEGEND, load_style_pool, style_metrics
-from review_lm.utils import UsageError, library_versions, write_json_atomic, write_text_atomic
+from review_lm.utils import (
+    ArgumentParser,
+    UsageError,
+    check_range,
+    library_versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,7 +227,7 @@ def evaluate(args: argparse.Namespace) -> int:
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a movie-review model on its test set against baselines, "
+    p = ArgumentParser(description="Evaluate a movie-review model on its test set against baselines, "
                                             "or compare several evaluated runs.")
     p.add_argument("--model_dir", help="trained model folder (with test_samples.json) to evaluate")
     p.add_argument("--test_file", help="test samples JSON (default: MODEL_DIR/test_samples.json)")
@@ -251,12 +258,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare is None and not (args.model_dir or args.predictions or (args.baselines_only and args.test_file)):
         p.error("--model_dir is required (or --test_file T --predictions P.jsonl, or --compare DIR [DIR ...])")
-    if args.batch_size < 1:
-        p.error("--batch_size must be at least 1")
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be at least 1")
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
-        p.error("--do_sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    try:
+        check_range("batch_size", args.batch_size, 1)
+        check_range("max_new_tokens", args.max_new_tokens, 1)
+        check_range("temperature", args.temperature, 0, inclusive=False)
+        check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
+        check_range("top_k", args.top_k, 0)
+    except UsageError as err:
+        p.error(str(err))
     return args
 
 

@@ -33,7 +33,7 @@ from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
 from review_lm.plan import RunPlan, plan_hardware, probe_hardware, validate_arguments
 from review_lm.precision import PRECISIONS
-from review_lm.utils import UsageError, library_versions, write_text_atomic
+from review_lm.utils import ArgumentParser, UsageError, library_versions, write_text_atomic
 
 if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data has been validated
     from review_lm import dataset as rd
@@ -46,7 +46,7 @@ PREVIEW_SAMPLES = 3
 # Arguments
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a Douban movie-review style model (single device or torchrun DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -507,3 +507,19 @@ def test_compare_warns_about_different_test_sets(tmp_path, capsys):
         paths.append(str(path))
     assert ev.main(["--compare", *paths, "--compare_out", str(tmp_path / "c.png")]) == 0
     assert "different test sets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
+    (["--do_sample", "--temperature", "0"], "--temperature must be > 0, got 0"),
+    (["--do_sample", "--top_p", "1.5"], "--top_p must be > 0 and <= 1, got 1.5"),
+    (["--top_k", "-1"], "--top_k must be >= 0, got -1"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
+])
+def test_bad_numbers_are_one_line_and_write_nothing(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--model_dir", str(tmp_path / "run"), *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []
