@@ -127,9 +127,10 @@ def _plot_style(ax_share, ax_distance, bars: Sequence[tuple[str, dict[str, float
         ax_share.hlines(reference["copy_rate"], 0.55, 1.45, colors="black", linestyles="--")
     ax_share.set_xticks(range(len(shares)), [t for _, t in shares])
     ax_share.set_ylabel("% of outputs")
-    ax_share.set_ylim(0, 100)
+    ax_share.set_ylim(0, 118)  # room above 100 % for the legend
+    ax_share.set_yticks(range(0, 101, 20))
     ax_share.grid(axis="y", alpha=0.3)
-    ax_share.legend(fontsize="small")
+    ax_share.legend(fontsize="small", loc="upper center", ncol=2)
     ax_distance.set_xticks([0], ["style distance"])
     ax_distance.set_ylabel("std. deviations (0 = real reviews)")
     ax_distance.grid(axis="y", alpha=0.3)
