@@ -65,7 +65,8 @@ class ReviewDataError(ValueError):
         if record_index is not None:
             where.append(f"record #{record_index}")
         # One line, whatever the data holds (names and titles may contain newlines).
-        super().__init__((": ".join(where) + ": " + problem).replace("\r", "\\r").replace("\n", "\\n"))
+        message = "".join(f"{w}: " for w in where) + problem
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 # --------------------------------------------------------------------------------------------------------------

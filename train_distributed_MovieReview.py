@@ -28,7 +28,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import data_loader_movie_review as dl
-from review_lm import adapters, data_report, run_folder, run_report, sharding, tracking
+from review_lm import adapters, data_report, disk_space, run_folder, run_guard, run_report, sharding, tracking
 from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
 from review_lm.plan import RunPlan, plan_hardware, probe_hardware, validate_arguments
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data 
 
 logger = logging.getLogger("movie_review")
 PREVIEW_SAMPLES = 3
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,13 +138,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, rank: int) -> int:
     validate_arguments(args)  # every flag check that needs neither data nor hardware
-    resume, start = plan_output_dir(args, rank)
-    if start.action == "finished":
-        return 0
+    # One run per output folder, for the run's whole life: taken before anything slow, released on any exit.
+    with run_guard.RunLock(args.output_dir, run_guard.launch_id(), log=logger.warning) as lock:
+        start = run_guard.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
+        if rank == 0:
+            for message in start.messages:
+                logger.warning(message)
+        if start.finished:
+            return 0
+        if rank == 0:
+            restarts = ft.restart_count(os.environ)
+            if restarts and start.plan.action == "resume":
+                logger.warning("torchrun restart %d of the worker group: %s", restarts, f"resuming from {start.resume}"
+                               if start.resume else "no complete checkpoint yet, starting from scratch")
+            elif start.resume:
+                logger.info("resuming from %s", start.resume)
+            if start.resume:
+                disk_space.remove_partial_checkpoints(args.output_dir, log=logger.warning)
+            run_guard.record_start(args.output_dir, start, lock.run_id, args.max_epochs)
+        try:
+            return run(args, rank, start, lock)
+        except (UsageError, dl.ReviewDataError):
+            if rank == 0 and not os.path.exists(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES)):
+                run_guard.undo_record_start(args.output_dir, start)  # nothing of this run was written yet
+            raise
+
+
+def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: run_guard.RunLock) -> int:
+    resume = start.resume
     report_to, report_msg = tracking.configure_reporting(args.report_to, os.environ,
                                                          importlib.util.find_spec("wandb") is not None)
-    plan = plan_hardware(args, probe_hardware(args), int(os.environ.get("WORLD_SIZE", "1")), report_to, report_msg,
-                         resume)
+    plan = plan_hardware(args, probe_hardware(args), WORLD_SIZE, report_to, report_msg, resume)
     ft.isolate_restarted_process_group(os.environ)  # a torchrun restart must not meet the dead group's store keys
 
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
@@ -165,7 +190,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
     model = None if args.preview_only else load_model(args, source, local_only, plan)
     model_facts = adapters.describe(args, model)
     if rank == 0:
-        start_output_dir(args, prepared, plan, model_facts, remove_previous=start.remove_previous)
+        start_output_dir(args, prepared, plan, model_facts, start, lock)
     if args.preview_only:
         if rank == 0:
             logger.info("--preview_only: wrote %s and %s to %s", run_folder.PREVIEW, run_folder.TEST_SAMPLES,
@@ -184,33 +209,9 @@ def train(args: argparse.Namespace, rank: int) -> int:
     save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
     if trainer.is_world_process_zero():
         outcome = run_report.summarize_run(args, trainer, result, plan.has_val)
-        run_folder.write_run_record(args.output_dir, run_record(args, prepared, plan, model_facts, outcome))
+        run_folder.write_run_record(args.output_dir, run_record(args, prepared, plan, model_facts, outcome, start))
         run_report.log_end_summary(args, outcome)
     return 0
-
-
-def plan_output_dir(args: argparse.Namespace, rank: int) -> tuple[str | None, ft.StartPlan]:
-    """What this start does with output_dir: a first start is judged by check_output_dir; a torchrun restart
-    (--max-restarts) of the worker group continues the run by itself. Only complete checkpoints are resumed."""
-    restarts = ft.restart_count(os.environ)
-    start = ft.plan_start(run_folder.output_dir_state(args.output_dir), args.resume_from_checkpoint,
-                          args.overwrite_output_dir, restarts)
-    if start.action == "finished":
-        if rank == 0:
-            logger.warning("torchrun restart %d: %s already holds the finished run; nothing to do", restarts,
-                           args.output_dir)
-        return None, start
-    if start.action == "check":
-        run_folder.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
-    resume = ft.resolve_resume(start.resume, args.output_dir, restarts,
-                               log=logger.warning if rank == 0 else lambda message: None)
-    adapters.check_resume(resume, args.finetuning_type)
-    if rank == 0 and restarts:
-        logger.warning("torchrun restart %d of the worker group: %s", restarts,
-                       f"resuming from {resume}" if resume else "no complete checkpoint yet, starting from scratch")
-    elif rank == 0 and resume:
-        logger.info("resuming from %s", resume)
-    return resume, start
 
 
 def report_stop(trainer, stop) -> None:
@@ -236,15 +237,16 @@ def load_splits(args: argparse.Namespace) -> tuple[dl.ReviewData, dict[str, list
 
 
 def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-                     remove_previous: bool) -> None:
+                     start: run_guard.RunStart, lock: run_guard.RunLock) -> None:
     """Rank 0, before training: clear an overwritten run, say what will happen, write the data files.
 
     The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
     rewrites them (atomically) to the same content."""
-    if remove_previous:
+    if start.plan.remove_previous:
         removed = run_folder.remove_previous_run(args.output_dir)
         if removed:
             logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+        run_guard.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
     os.makedirs(args.output_dir, exist_ok=True)
     logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts))
     for warning in run_report.start_warnings(args, plan, prepared):
@@ -258,7 +260,7 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
 
 
 def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-               outcome: dict[str, Any]) -> dict[str, Any]:
+               outcome: dict[str, Any], start: run_guard.RunStart) -> dict[str, Any]:
     """training_config.json: the arguments, every decision, the data, the result and the library versions."""
     return {
         "arguments": vars(args),
@@ -270,6 +272,7 @@ def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict
             "reviews": prepared.data.num_reviews, "splits": data_report.split_summary(prepared.splits),
         },
         "result": outcome,
+        "fingerprint": run_guard.fingerprint_digest(start.fingerprint),  # run_fingerprint.json holds it whole
         "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
                                       "torch-optimi", "bitsandbytes", "deepspeed")),
     }

@@ -34,6 +34,7 @@ LOSS_CURVE = "loss_curve.png"
 WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
 LOCK_FILE = ".run.lock"  # flock'ed by the run's leader (run_guard.RunLock); holds the holder while the run lives
 LAUNCH_MARKER = ".launch.json"  # which launch's files the folder holds (run_guard.plan_restart)
+FINGERPRINT_FILE = "run_fingerprint.json"  # what defines the run (arguments, data digest): resumes must match
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
 METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
@@ -62,7 +63,8 @@ TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence me
 # Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
 RUN_ARTIFACTS = (
     *WEIGHT_FILES, CONFIG, "generation_config.json", *TOKENIZER_FILES, RUN_RECORD, TEST_SAMPLES, TEST_HISTORIES,
-    PREVIEW, LOSS_CURVE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR,
+    PREVIEW, LOSS_CURVE, FINGERPRINT_FILE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, MERGED_DIR,
 )
 
 KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
