@@ -28,12 +28,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import data_loader_movie_review as dl
-from review_lm import adapters, data_report, disk_space, run_folder, run_guard, run_report, sharding, tracking
+from review_lm import adapters, disk_space, progress, run_folder, run_guard, run_report, sharding, tracking
 from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
 from review_lm.plan import RunPlan, plan_hardware, probe_hardware, validate_arguments
 from review_lm.precision import PRECISIONS
-from review_lm.utils import ArgumentParser, UsageError, library_versions, write_text_atomic
+from review_lm.utils import ArgumentParser, UsageError, write_text_atomic
 
 if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data has been validated
     from review_lm import dataset as rd
@@ -77,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=42, help="random seed")
     train.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--logging_steps", type=int, default=0,
-                       help="log the training loss every N optimizer steps (0: once per epoch)")
+                       help="log the training loss every N optimizer steps (0: about 5 times per epoch); always "
+                            "also at the first step and at the end of every epoch")
     train.add_argument("--save_steps", type=int, default=0,
                        help="write a checkpoint every N optimizer steps (0: once per epoch); with a validation "
                             "split it also evaluates every N steps unless --eval_steps is given")
@@ -114,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="replace a previous run's files in output_dir")
     run.add_argument("--preview_only", action="store_true",
                      help="write training_samples_preview.txt and test_samples.json, then stop (no model load)")
+    run.add_argument("--keep_checkpoints", choices=run_folder.KEEP_CHECKPOINTS, default="all",
+                     help="after a successful finish: all = keep what the run kept (the best and the latest "
+                          "checkpoint), best = only the best one, none = no checkpoint (the final model stays); a "
+                          "stopped or failed run keeps everything needed to resume")
     run.add_argument("--save_format", choices=["bin", "safetensors"], default="bin",
                      help="final weights as pytorch_model.bin (spec) or model.safetensors")
     adapters.add_arguments(p)
@@ -179,6 +184,8 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     from review_lm import dataset as rd
 
     transformers.logging.set_verbosity_warning()
+    if not progress.stderr_is_terminal():  # no bar redraws (\r) from loading and saving in a log file
+        transformers.utils.logging.disable_progress_bar()
     source, local_only = ml.resolve_model_source(args.model_path, os.environ,
                                                  f"--model_path {args.model_path}: no such local folder")
     tokenizer = ml.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
@@ -199,30 +206,39 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
 
     if rank == 0 and report_to == "wandb":  # a resumed run keeps logging into the same W&B run
         tracking.configure_wandb_resume(os.environ, tracking.wandb_run_id(args.output_dir, resuming=bool(resume)))
+    precision = plan.precision
+    needed = disk_space.run_bytes(model_facts["total_params"], model_facts["trainable_params"],
+                                  precision.weights_dtype, precision.optimizer, args.finetuning_type, args.save_format,
+                                  bool(args.deepspeed))
+    if rank == 0 and (warning := disk_space.check_disk_space(args.output_dir, needed)):
+        logger.warning(warning)
     trainer = build_trainer(args, model, tokenizer, prepared, plan)
     stop = ft.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
     trainer.add_callback(stop)
-    result = trainer.train(resume_from_checkpoint=resume)
-    if stop.signum:
-        report_stop(trainer, stop)
-        return stop.exit_code
-    save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+        if stop.signum:
+            ft.report_stop(trainer, stop, ft.resume_command(sys.argv[1:], script_name(), os.environ))
+            return stop.exit_code
+        save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
+    except Exception as err:  # a full disk, a lost mount: one line with the way back, not a traceback
+        if not disk_space.is_save_failure(err):
+            raise
+        command = ft.resume_command(sys.argv[1:], script_name(), os.environ)
+        raise disk_space.save_failure(args.output_dir, rank, err, needed, command) from None
     if trainer.is_world_process_zero():
         outcome = run_report.summarize_run(args, trainer, result, plan.has_val)
-        run_folder.write_run_record(args.output_dir, run_record(args, prepared, plan, model_facts, outcome, start))
+        record = run_folder.run_record(args, prepared.data, prepared.splits, {
+            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts}, outcome,
+            run_guard.fingerprint_digest(start.fingerprint))
+        run_folder.write_run_record(args.output_dir, record)
+        removed, freed = run_folder.remove_checkpoints(args.output_dir, args.keep_checkpoints,
+                                                       outcome["best_checkpoint"])
+        if removed:
+            logger.info("--keep_checkpoints %s: removed %s (%s)", args.keep_checkpoints, ", ".join(removed),
+                        disk_space.human_bytes(freed))
         run_report.log_end_summary(args, outcome)
     return 0
-
-
-def report_stop(trainer, stop) -> None:
-    """After SIGTERM/SIGINT: where the run stopped and the exact command that continues it."""
-    if trainer.is_world_process_zero():
-        import signal
-
-        script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.basename(__file__)
-        logger.warning("stopped by %s after optimizer step %d; checkpoint %s. To resume: %s",
-                       signal.Signals(stop.signum).name, stop.stopped_step, stop.checkpoint,
-                       ft.resume_command(sys.argv[1:], script, os.environ))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,25 +275,6 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
 
 
-def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-               outcome: dict[str, Any], start: run_guard.RunStart) -> dict[str, Any]:
-    """training_config.json: the arguments, every decision, the data, the result and the library versions."""
-    return {
-        "arguments": vars(args),
-        "resolved": {**plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts},
-        "data": {
-            "file": ", ".join(os.path.abspath(p) for p in args.data_file),
-            "files": [os.path.abspath(f) for f in prepared.data.files],  # every file read (dirs expanded)
-            "users": len(prepared.data.users),
-            "reviews": prepared.data.num_reviews, "splits": data_report.split_summary(prepared.splits),
-        },
-        "result": outcome,
-        "fingerprint": run_guard.fingerprint_digest(start.fingerprint),  # run_fingerprint.json holds it whole
-        "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
-                                      "torch-optimi", "bitsandbytes", "deepspeed")),
-    }
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Model and Trainer
 # --------------------------------------------------------------------------------------------------------------
@@ -302,7 +299,7 @@ def load_model(args, source: str, local_only: bool, plan: RunPlan):
 
 
 def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPlan):
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 
     from review_lm import completion_training as ct
     from review_lm import dataset as rd
@@ -329,8 +326,11 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        logging_strategy="steps" if args.logging_steps else "epoch",
-        logging_steps=args.logging_steps or 500,
+        # The loss at the first step, a handful of times per epoch and at each epoch's end (review_lm.progress).
+        logging_strategy="steps",
+        logging_steps=plan.logging_steps,
+        logging_first_step=True,
+        disable_tqdm=not progress.stderr_is_terminal(),  # no bars (and no escape sequences) in a log file
         report_to=plan.report_to,
         run_name=args.wandb_run_name or os.path.basename(os.path.normpath(args.output_dir)),
         seed=args.seed,
@@ -344,7 +344,7 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         **sharding.model_training_kwargs(plan.sharding, model, args.gradient_checkpointing),  # FSDP / DeepSpeed
     )
     # Length grouping reads the datasets' precomputed lengths instead of assembling every sample to measure it.
-    return rd.with_dataset_lengths(ct.CompletionTrainer)(
+    trainer = rd.with_dataset_lengths(ct.CompletionTrainer)(
         model=model,
         args=training_args,
         train_dataset=prepared.datasets["train"],
@@ -356,6 +356,12 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
         completion_only_logits=efficiency.completion_only_logits,
     )
+    # Readable log lines (and one progress bar only in a terminal) instead of Trainer's printed dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress.progress_callback(progress.stderr_is_terminal()))
+    trainer.add_callback(progress.epoch_end_log())
+    return trainer
 
 
 def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = None) -> None:
@@ -381,6 +387,10 @@ def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = N
         # transformers 5 only writes safetensors; the spec's pytorch_model.bin is re-written from what save_model
         # wrote (whole weights even when training was sharded), which from_pretrained still reads.
         sharding.full_weights_to_bin(args.output_dir)
+
+
+def script_name() -> str:
+    return sys.argv[0] if sys.argv[0].endswith(".py") else os.path.basename(__file__)
 
 
 if __name__ == "__main__":

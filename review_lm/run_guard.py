@@ -69,7 +69,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "max_epochs", "early_stopping_patience", "logging_steps", "save_steps", "eval_steps",
     "gradient_checkpointing", "disable_flash_attn", "disable_completion_only_logits", "trust_remote_code",
     "report_to", "wandb_project", "wandb_run_name", "resume_from_checkpoint", "overwrite_output_dir",
-    "preview_only", "save_format", "merge_lora",
+    "preview_only", "save_format", "merge_lora", "keep_checkpoints",
 })
 
 

@@ -159,3 +159,50 @@ def test_a_restart_after_overwrite_never_resumes_the_old_runs_checkpoints(finish
     config = read_config(out)
     assert config["arguments"]["max_epochs"] == 1 and config["resolved"]["resumed_from"] is None
     assert config["result"]["global_steps"] == 2  # one epoch from scratch, not the old run's 4 steps + more
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Live feedback, kept checkpoints, a full disk
+# --------------------------------------------------------------------------------------------------------------
+def test_a_log_file_gets_readable_lines_from_the_first_step_and_no_escape_sequences(finished_run, tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "wb") as f:  # stderr into a file, as a job scheduler or `> train.log 2>&1` does
+        proc = subprocess.run([sys.executable, str(REPO / "train_distributed_MovieReview.py"),
+                               *common(tmp_path / "again", str(finished_run), "--max_epochs", "1")],
+                              stdout=f, stderr=subprocess.STDOUT, env=clean_env(), cwd=str(REPO), timeout=300)
+    raw = log.read_bytes()
+    assert proc.returncode == 0, raw[-3000:]
+    assert b"\x1b" not in raw and b"\r" not in raw  # no cursor moves or bar redraws in a file
+    text = raw.decode("utf-8")
+    assert " INFO step 1/2 (epoch 0.80): loss " in text  # the loss at the very first optimizer step
+    assert " INFO eval at step 2/2 (epoch 1.00): loss " in text and "{'loss'" not in text
+
+
+def test_resume_shows_no_warning_about_steps_nobody_set(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    assert run_train(*common(out, tiny_model, "--max_epochs", "1")).returncode == 0
+    proc = run_train(*common(out, tiny_model, "--max_epochs", "2", "--resume_from_checkpoint"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(from args) !=" not in proc.stderr
+
+
+def test_keep_checkpoints_best_leaves_exactly_the_best_checkpoint(tmp_path, tiny_model):
+    from tests.helpers import assert_same_weights, state_dict, write_drift_reviews
+
+    out = tmp_path / "run"
+    data = write_drift_reviews(tmp_path)  # the validation loss soon stops improving: best != latest
+    args = common(out, tiny_model, "--max_epochs", "8", "--early_stopping_patience", "2", "--keep_checkpoints", "best")
+    args[args.index(EXAMPLE)] = data
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = Path(read_config(out)["result"]["best_checkpoint"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [best.name]
+    assert "--keep_checkpoints best: removed checkpoint-" in proc.stderr
+    assert_same_weights(state_dict(out), state_dict(best))  # the final model is the best checkpoint's
+
+
+def test_keep_checkpoints_none_keeps_only_the_final_model(tmp_path, tiny_model):
+    out = tmp_path / "run"
+    proc = run_train(*common(out, tiny_model, "--max_epochs", "1", "--keep_checkpoints", "none"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(out.glob("checkpoint-*")) and (out / "pytorch_model.bin").is_file()
