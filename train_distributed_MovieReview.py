@@ -258,6 +258,8 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
 
     The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
     rewrites them (atomically) to the same content."""
+    from review_lm import dataset as rd
+
     if start.plan.remove_previous:
         removed = run_folder.remove_previous_run(args.output_dir)
         if removed:
@@ -271,7 +273,8 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       dl.preview_text(train[:PREVIEW_SAMPLES], len(train)))
     out = args.output_dir
-    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
+                                  rd.prompt_records(prepared.datasets["test"]))
     run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
 
 

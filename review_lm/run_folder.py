@@ -293,16 +293,15 @@ def recorded_arguments(model_dir: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------------------
 # test_samples.json: written by training (the spec's file), read by evaluation
 # --------------------------------------------------------------------------------------------------------------
-def write_test_samples(file: str, encoded: Iterable) -> None:
-    """test_samples.json, record by record (``dl.sample_record``): the same bytes as ``write_json_atomic(file,
-    [records])`` without holding every record (and every test prompt) in memory at once."""
+def write_test_samples(file: str, records: Iterable) -> None:
+    """test_samples.json: a JSON list of ``dl.sample_record`` objects (what the spec's Q2 loads), one sample per
+    line, written record by record without holding every test prompt in memory at once. One line per sample
+    rather than an indented tree: json's C encoder writes it (``indent`` switches to the pure-Python one)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             first = True
-            for enc in encoded:
-                text = json.dumps(dl.sample_record(enc), ensure_ascii=False, indent=2)
-                # One level deeper, as inside a list. JSON strings hold no raw newlines, so every line is safe.
-                f.write(("[\n" if first else ",\n") + "  " + text.replace("\n", "\n  "))
+            for record in records:
+                f.write(("[\n" if first else ",\n") + json.dumps(dl.sample_record(record), ensure_ascii=False))
                 first = False
             f.write("[]\n" if first else "\n]\n")
 
