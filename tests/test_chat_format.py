@@ -532,7 +532,7 @@ def review_losses(model, ids: list[int], spans: list[tuple[int, int]]) -> list[f
 
 @pytest.mark.parametrize("name", ["qwen3", "qwen25", "builtin-eos"])
 def test_loss_of_each_review_in_one_pass_equals_its_cut_sequence(loss_formats, real_users, name):
-    from tools.make_tiny_model import build_tiny_model
+    from review_lm.tiny_model import build_tiny_model
 
     fmt = loss_formats[name]
     model = build_tiny_model(fmt.tokenizer, hidden_size=32, num_layers=2, num_heads=4, max_positions=4096,
