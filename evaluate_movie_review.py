@@ -100,9 +100,14 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"warning: {test_file}: samples have no 'earlier_reviews'; skipping the baselines", file=sys.stderr)
     generated = None
     if not args.baselines_only:
+        # The run's format decides the stop tokens (a conversation's reviews end with the end-of-turn token);
+        # its test prompts are already in that format (test_samples.json), fed as their text's ids.
+        record = run_folder.read_run_record(model_dir) if os.path.isfile(
+            os.path.join(model_dir, run_folder.RUN_RECORD)) else None
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
-                                      args.trust_remote_code, args.base_model)
+                                      args.trust_remote_code, args.base_model,
+                                      record.chat_template if record else "none")
         generated = generate_predictions(model_dir, [s["prompt"] for s in test.samples], settings,
                                          progress=not args.no_progress)
 
@@ -119,7 +124,10 @@ def evaluate(args: argparse.Namespace) -> int:
         "generation": None if generated is None else {
             **generated.info,
             "outputs_hitting_max_new_tokens": sum(generated.hit_limit),
-            "decoding": "new tokens up to the first EOS, tokenizer.decode(skip_special_tokens=True).strip()",
+            "decoding": "new tokens up to the first stop token (generation_config.eos_token_id: EOS, and the "
+                        "end-of-turn for chat-formatted runs), tokenizer.decode(skip_special_tokens=True).strip()",
+            "prompt_format": record.prompt_format if record else "spec",
+            "chat_template": settings.chat_template,
         },
         "baseline_settings": {
             "last": "earlier_reviews[-1] (the user's most recent review before the target); '' if none",
