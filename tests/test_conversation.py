@@ -337,7 +337,7 @@ def test_conversation_run_learns_and_is_evaluated_and_generates(tmp_path, tiny_m
     data = write_reviews(tmp_path / "toy.json", ["好看好看好看"] * 40)
     out = tmp_path / "run"
     proc = run_train("--data_file", data, "--output_dir", str(out), "--model_path", tiny_model,
-                     "--prompt_format", "conversation", "--max_length", "96", "--max_epochs", "8",
+                     "--prompt_format", "conversation", "--max_length", "400", "--max_epochs", "8",
                      "--batch_size", "1", "--gradient_accumulation_steps", "1", "--learning_rate", "5e-3",
                      "--warmup_steps", "0", "--report_to", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -370,14 +370,14 @@ def test_conversation_run_learns_and_is_evaluated_and_generates(tmp_path, tiny_m
     line = json.loads(proc.stdout.splitlines()[0])
     assert line["settings"]["prompt_format"] == "conversation"
     assert line["prompt"].endswith("<|im_start|>user\n请为电影《新片》写一条影评：<|im_end|>\n<|im_start|>assistant\n")
-    assert 0 < line["history_count"] <= 40 and line["prompt_tokens"] + 8 <= 96
+    assert 0 < line["history_count"] <= 40 and line["prompt_tokens"] + 8 <= 400
 
 
 @pytest.mark.slow
 def test_conversation_run_early_stops_and_resumes(tmp_path, tiny_model):
     data = write_drift_reviews(tmp_path)
     common = ["--data_file", data, "--model_path", tiny_model, "--prompt_format", "conversation",
-              "--max_length", "80", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--warmup_steps", "0",
+              "--max_length", "300", "--batch_size", "2", "--gradient_accumulation_steps", "1", "--warmup_steps", "0",
               "--report_to", "none", "--save_format", "safetensors"]
     out = tmp_path / "stop"
     proc = run_train(*common, "--output_dir", str(out), "--max_epochs", "20", "--learning_rate", "1e-2",
