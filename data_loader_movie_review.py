@@ -25,7 +25,6 @@ name), the record index and what is wrong.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -60,7 +59,7 @@ class ReviewDataError(ValueError):
                  user_name: str | None = None, record_index: int | None = None):
         self.path, self.problem = path, problem
         self.user_index, self.user_name, self.record_index = user_index, user_name, record_index
-        where = [str(path)]
+        where = [str(path)] if path else []  # no path: a flag error, the message names the flag
         if user_index is not None:
             where.append(f"user #{user_index}" + (f" ({user_name})" if user_name else ""))
         if record_index is not None:
@@ -315,7 +314,7 @@ def load_review_data(paths: str | Sequence[str]) -> ReviewData:
 # --------------------------------------------------------------------------------------------------------------
 # Chronological split
 # --------------------------------------------------------------------------------------------------------------
-def check_ratios(train_ratio: float, val_ratio: float, test_ratio: float, path: str = "arguments") -> None:
+def check_ratios(train_ratio: float, val_ratio: float, test_ratio: float, path: str = "") -> None:
     for name, value in (("train_ratio", train_ratio), ("val_ratio", val_ratio), ("test_ratio", test_ratio)):
         if not 0.0 <= value <= 1.0:
             raise ReviewDataError(path, f"--{name} must be between 0 and 1, got {value}")
@@ -438,8 +437,10 @@ def sample_record(enc) -> dict[str, Any]:
     """The JSON form of an encoded sample, as written to ``test_samples.json`` and read by evaluation.
 
     ``prompt`` is exactly the text whose tokens the model saw (``tokenizer(prompt, add_special_tokens=False)``
-    gives ``input_ids[:prompt_length]``); ``earlier_reviews`` are all of the user's earlier review texts, oldest
-    first, whatever the prompt kept, so model-free baselines are the same for every ablation.
+    gives ``input_ids[:prompt_length]``). The user's earlier review texts are not repeated here (they would make
+    the file grow with the square of the history): ``position`` is how many reviews the user wrote before this
+    one, and :func:`test_histories` stores each user's reviews once, so that evaluation can read this sample's
+    earlier reviews (the same for every ablation, whatever the prompt kept) as ``reviews[:position]``.
     """
     s = enc.sample
     return {
@@ -454,8 +455,28 @@ def sample_record(enc) -> dict[str, Any]:
         "history_count": enc.history_count,
         "prompt_tokens": enc.prompt_length,
         "target_truncated": enc.target_truncated,
-        "earlier_reviews": [r.text for r in s.history],
+        "position": s.position,
     }
+
+
+TEST_HISTORIES_FORMAT = "test_histories/1"
+
+
+def test_histories(samples: Sequence[Sample]) -> dict[str, Any]:
+    """The JSON form of test_histories.json: per user of ``samples``, their review texts (oldest first) up to
+    their last test sample, stored once; ``test_start`` is the position of the user's first test sample, so
+    ``reviews[:test_start]`` are the reviews written before the test split."""
+    users: dict[int, dict[str, Any]] = {}
+    for s in samples:
+        entry = users.get(s.user.index)
+        if entry is None:
+            entry = users[s.user.index] = {"user_index": s.user.index, "user": s.user.name, "test_start": s.position,
+                                           "end": s.position, "reviews": s.user.reviews}
+        entry["test_start"] = min(entry["test_start"], s.position)
+        entry["end"] = max(entry["end"], s.position)
+    return {"format": TEST_HISTORIES_FORMAT, "users": [
+        {"user_index": u["user_index"], "user": u["user"], "test_start": u["test_start"],
+         "reviews": [r.text for r in u.pop("reviews")[:u["end"]]]} for u in users.values()]}
 
 
 def preview_text(encoded: Sequence, total: int) -> str:
@@ -517,7 +538,9 @@ def new_review_sample(user: UserHistory, movie: str) -> Sample:
 # Report (CLI; its layout lives in review_lm.data_report)
 # --------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Inspect a Douban review file and its chronological split.")
+    from review_lm.utils import ArgumentParser  # one-line argument errors (no torch)
+
+    parser = ArgumentParser(description="Inspect a Douban review file and its chronological split.")
     parser.add_argument("data_file", nargs="+",
                         help="review JSON file(s) and/or directories of .json files, loaded as one data set")
     parser.add_argument("--train_ratio", type=float, default=DEFAULT_RATIOS[0], help="training share (0.7)")

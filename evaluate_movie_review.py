@@ -45,7 +45,14 @@ from review_lm.run_folder import (
     SampleSet,
     load_test_samples,
 )
-from review_lm.utils import UsageError, library_versions, write_json_atomic, write_text_atomic
+from review_lm.utils import (
+    ArgumentParser,
+    UsageError,
+    check_range,
+    library_versions,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -85,7 +92,8 @@ def evaluate(args: argparse.Namespace) -> int:
     test_file = args.test_file or os.path.join(model_dir, TEST_SAMPLES)
     test = load_test_samples(test_file)
     if args.baselines_only and not test.has_history:
-        raise UsageError(f"{test_file}: samples have no 'earlier_reviews', so there are no baselines to compute")
+        raise UsageError(f"{test_file}: samples have no earlier reviews (no 'earlier_reviews' and no "
+                         f"{run_folder.TEST_HISTORIES} beside it), so there are no baselines to compute")
     out_dir = args.output_dir or os.path.join(model_dir, EVAL_DIR)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
     if os.path.exists(metrics_path) and not args.overwrite:
@@ -95,9 +103,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
     started = time.time()
     references = test.references
-    baselines = compute_baselines(test.samples, args.seed) if test.has_history else None
+    baselines = compute_baselines(test.all_earlier_reviews(), args.seed) if test.has_history else None
     if baselines is None:
-        print(f"warning: {test_file}: samples have no 'earlier_reviews'; skipping the baselines", file=sys.stderr)
+        print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
     if not args.baselines_only:
         # The run's format decides the stop tokens (a conversation's reviews end with the end-of-turn token);
@@ -130,8 +138,8 @@ def evaluate(args: argparse.Namespace) -> int:
             "chat_template": settings.chat_template,
         },
         "baseline_settings": {
-            "last": "earlier_reviews[-1] (the user's most recent review before the target); '' if none",
-            "random": f"random.Random({args.seed}).choice(earlier_reviews) per sample in file order; '' if none",
+            "last": "the user's most recent review before the target (earlier reviews[-1]); '' if none",
+            "random": f"random.Random({args.seed}).choice(earlier reviews) per sample in file order; '' if none",
             "seed": args.seed,
         } if baselines else None,
         "metric_definitions": metric_definitions(),
@@ -164,7 +172,7 @@ def evaluate(args: argparse.Namespace) -> int:
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a movie-review model on its test set against baselines, "
+    p = ArgumentParser(description="Evaluate a movie-review model on its test set against baselines, "
                                             "or compare several evaluated runs.")
     p.add_argument("--model_dir", help="trained model folder (with test_samples.json) to evaluate")
     p.add_argument("--test_file", help="test samples JSON (default: MODEL_DIR/test_samples.json)")
@@ -190,12 +198,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare is None and not args.model_dir:
         p.error("--model_dir is required (or use --compare DIR [DIR ...])")
-    if args.batch_size < 1:
-        p.error("--batch_size must be at least 1")
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be at least 1")
-    if args.do_sample and not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
-        p.error("--do_sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0")
+    try:
+        check_range("batch_size", args.batch_size, 1)
+        check_range("max_new_tokens", args.max_new_tokens, 1)
+        check_range("temperature", args.temperature, 0, inclusive=False)
+        check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
+        check_range("top_k", args.top_k, 0)
+    except UsageError as err:
+        p.error(str(err))
     return args
 
 

@@ -33,7 +33,7 @@ import data_loader_movie_review as dl
 from review_lm import model_loading
 from review_lm.generation import GenerationSettings, Written, generate_one, generation_config_kwargs, stop_token_ids
 from review_lm.run_folder import RunRecord, read_run_record
-from review_lm.utils import UsageError
+from review_lm.utils import ArgumentParser, UsageError, check_range
 
 LISTED_USERS = 10  # names shown when a user must be picked; the rest are counted
 
@@ -42,7 +42,7 @@ LISTED_USERS = 10  # names shown when a user must be picked; the rest are counte
 # Arguments
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write a review of a new film in the user's voice with a trained model.",
+    p = ArgumentParser(description="Write a review of a new film in the user's voice with a trained model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_dir", required=True, help="a finished training run (output_dir of the trainer)")
     p.add_argument("--movie", action="append", default=[], metavar="NAME", help="film to review (repeatable)")
@@ -66,12 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.movie and not args.interactive:
         p.error("name a film with --movie NAME (repeatable) or use --interactive")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        p.error("--num_samples and --max_new_tokens must be at least 1")
+    try:
+        check_range("num_samples", args.num_samples, 1)
+        check_range("max_new_tokens", args.max_new_tokens, 1)
+        check_range("temperature", args.temperature, 0, inclusive=False)
+        check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
+    except UsageError as err:
+        p.error(str(err))
     if args.greedy and args.num_samples > 1:
         p.error("--greedy writes the same review every time: drop --num_samples or --greedy")
-    if not args.greedy and not (args.temperature > 0 and 0 < args.top_p <= 1):
-        p.error("sampling needs --temperature > 0 and 0 < --top_p <= 1 (or use --greedy)")
     if args.greedy and args.seed is not None:
         p.error("--seed has no effect with --greedy")
     return args

@@ -42,7 +42,7 @@ from review_lm.plan import (
     validate_arguments,
 )
 from review_lm.precision import PRECISIONS
-from review_lm.utils import UsageError, library_versions, write_text_atomic
+from review_lm.utils import ArgumentParser, UsageError, library_versions, write_text_atomic
 
 if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data has been validated
     from review_lm import dataset as rd
@@ -55,7 +55,7 @@ PREVIEW_SAMPLES = 3
 # Arguments
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Train a Douban movie-review style model (single device or torchrun DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -274,7 +274,9 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
         logger.warning(warning)
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
-    run_folder.write_test_samples(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    out = args.output_dir
+    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
 
 
 def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from review_lm import run_folder
-from review_lm.utils import UsageError, importable
+from review_lm.utils import UsageError, check_range, importable
 
 FINETUNING_TYPES = ("full", "lora")
 # Defaults of the LoRA flags, kept here so that check_flags can tell a flag the user set from its default.
@@ -61,11 +61,10 @@ def check_flags(args: argparse.Namespace) -> None:
         if changed:
             raise UsageError(f"{', '.join(changed)}: only used with --finetuning_type lora (this run is full)")
         return
-    if args.lora_rank < 1 or args.lora_alpha < 1:
-        raise UsageError(f"--lora_rank and --lora_alpha must be at least 1 (got {args.lora_rank}, "
-                         f"{args.lora_alpha})")
+    check_range("lora_rank", args.lora_rank, 1)
+    check_range("lora_alpha", args.lora_alpha, 1)
     if not 0 <= args.lora_dropout < 1:
-        raise UsageError(f"--lora_dropout must be in [0, 1) (got {args.lora_dropout})")
+        raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout:g}")
     if args.lora_target is not None and not parse_targets(args.lora_target):
         raise UsageError(f"--lora_target {args.lora_target!r}: no module names given")
 

@@ -157,19 +157,20 @@ def metric_definitions() -> dict[str, Any]:
     }
 
 
-def baseline_last(samples: Sequence[dict[str, Any]]) -> list[str]:
-    """The user's most recent earlier review (earlier_reviews is oldest first); "" without one."""
-    return [s["earlier_reviews"][-1] if s["earlier_reviews"] else "" for s in samples]
+def baseline_last(earlier_reviews: Sequence[list[str]]) -> list[str]:
+    """Per sample, the user's most recent earlier review (each list is oldest first); "" without one."""
+    return [earlier[-1] if earlier else "" for earlier in earlier_reviews]
 
 
-def baseline_random(samples: Sequence[dict[str, Any]], seed: int) -> list[str]:
+def baseline_random(earlier_reviews: Sequence[list[str]], seed: int) -> list[str]:
     """One earlier review per sample, drawn in sample order from ``random.Random(seed)``; "" without one."""
     rng = random.Random(seed)
-    return [rng.choice(s["earlier_reviews"]) if s["earlier_reviews"] else "" for s in samples]
+    return [rng.choice(earlier) if earlier else "" for earlier in earlier_reviews]
 
 
-def compute_baselines(samples: Sequence[dict[str, Any]], seed: int) -> dict[str, list[str]]:
-    return {"last": baseline_last(samples), "random": baseline_random(samples, seed)}
+def compute_baselines(earlier_reviews: Sequence[list[str]], seed: int) -> dict[str, list[str]]:
+    """Both baselines from each sample's earlier reviews (``SampleSet.all_earlier_reviews``)."""
+    return {"last": baseline_last(earlier_reviews), "random": baseline_random(earlier_reviews, seed)}
 
 
 def references_digest(references: Sequence[str]) -> str:

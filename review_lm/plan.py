@@ -27,7 +27,7 @@ from review_lm import adapters, sharding
 from review_lm import completion_training as ct
 from review_lm import fault_tolerance as ft
 from review_lm.precision import PrecisionPlan, optimi_importable, plan_precision
-from review_lm.utils import UsageError, importable
+from review_lm.utils import UsageError, check_range, importable
 
 # --------------------------------------------------------------------------------------------------------------
 # Prompt format and chat template
@@ -67,13 +67,11 @@ def resolve_chat_template(prompt_format: str, requested: str | None, tokenizer_h
 # --------------------------------------------------------------------------------------------------------------
 def validate_arguments(args: argparse.Namespace) -> None:
     """Refuse contradicting or out-of-range flags with one line, before anything is read or written."""
-    for name in ("batch_size", "gradient_accumulation_steps", "max_epochs", "max_length"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
-    if args.warmup_steps < 0 or args.early_stopping_patience < 1 or args.logging_steps < 0:
-        raise UsageError("--warmup_steps and --logging_steps must be >= 0, --early_stopping_patience >= 1")
-    if args.save_steps < 0 or args.eval_steps < 0:
-        raise UsageError("--save_steps and --eval_steps must be >= 0 (0: once per epoch)")
+    for name in ("batch_size", "gradient_accumulation_steps", "max_epochs", "max_length", "early_stopping_patience"):
+        check_range(name, getattr(args, name), 1)
+    for name in ("warmup_steps", "logging_steps", "save_steps", "eval_steps"):  # 0: the default cadence
+        check_range(name, getattr(args, name), 0)
+    check_range("learning_rate", args.learning_rate, 0, inclusive=False)
     prompt_format = getattr(args, "prompt_format", "spec")
     if prompt_format not in PROMPT_FORMATS:
         raise UsageError(f"--prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")

@@ -28,9 +28,12 @@ from review_lm.utils import UsageError, write_atomic, write_json_atomic
 # --------------------------------------------------------------------------------------------------------------
 RUN_RECORD = "training_config.json"  # written last by training: its presence means the run finished
 TEST_SAMPLES = "test_samples.json"
+TEST_HISTORIES = "test_histories.json"  # each test user's earlier reviews, once (baselines, style metrics)
 PREVIEW = "training_samples_preview.txt"
 LOSS_CURVE = "loss_curve.png"
 WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
+LOCK_FILE = ".run.lock"  # flock'ed by the run's leader (run_guard.RunLock); holds the holder while the run lives
+LAUNCH_MARKER = ".launch.json"  # which launch's files the folder holds (run_guard.plan_restart)
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
 METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
@@ -56,8 +59,8 @@ TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence me
 
 # Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
 RUN_ARTIFACTS = (
-    *WEIGHT_FILES, CONFIG, "generation_config.json", *TOKENIZER_FILES, RUN_RECORD, TEST_SAMPLES, PREVIEW,
-    LOSS_CURVE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR,
+    *WEIGHT_FILES, CONFIG, "generation_config.json", *TOKENIZER_FILES, RUN_RECORD, TEST_SAMPLES, TEST_HISTORIES,
+    PREVIEW, LOSS_CURVE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR,
 )
 
 KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
@@ -260,15 +263,52 @@ def write_test_samples(file: str, encoded: Iterable) -> None:
     write_atomic(file, write)
 
 
+def write_test_histories(file: str, test_samples: list[dl.Sample]) -> None:
+    write_json_atomic(file, dl.test_histories(test_samples))
+
+
 @dataclass
 class SampleSet:
+    """The test samples of a run, and (when known) each sample's earlier reviews.
+
+    Two layouts are read: the current one (each sample's ``position`` + the user's reviews once, in
+    test_histories.json beside test_samples.json) and the earlier one (each sample carrying its own
+    ``earlier_reviews`` list).
+    """
+
     path: str
     samples: list[dict[str, Any]]
-    has_history: bool  # every sample carries earlier_reviews, so the baselines can be computed
+    histories: dict[int, dict[str, Any]] | None = None  # user_index -> test_histories.json entry (current layout)
 
     @property
     def references(self) -> list[str]:
         return [s["reference"] for s in self.samples]
+
+    @property
+    def has_history(self) -> bool:
+        """Every sample's earlier reviews are known, so the baselines (and style metrics) can be computed."""
+        return self.histories is not None or all("earlier_reviews" in s for s in self.samples)
+
+    def earlier_reviews(self, i: int) -> list[str]:
+        """The review texts the user of sample ``i`` wrote before it, oldest first."""
+        sample = self.samples[i]
+        if self.histories is None:
+            return sample["earlier_reviews"]
+        return self.histories[sample["user_index"]]["reviews"][:sample["position"]]
+
+    def all_earlier_reviews(self) -> list[list[str]]:
+        return [self.earlier_reviews(i) for i in range(len(self.samples))]
+
+    def reviews_before_test(self) -> dict[int, list[str]]:
+        """Per user, the reviews written before the test split (train + validation): never a test review."""
+        if self.histories is not None:
+            return {u: h["reviews"][:h["test_start"]] for u, h in self.histories.items()}
+        before: dict[int, list[str]] = {}
+        for s in self.samples:  # the user's earliest test sample has the fewest earlier reviews
+            key = s.get("user_index", s.get("user"))
+            if key not in before or len(s["earlier_reviews"]) < len(before[key]):
+                before[key] = s["earlier_reviews"]
+        return before
 
 
 def read_json(file: str) -> Any:
@@ -296,4 +336,29 @@ def load_test_samples(file: str) -> SampleSet:
         earlier = sample.get("earlier_reviews")
         if earlier is not None and not (isinstance(earlier, list) and all(isinstance(r, str) for r in earlier)):
             raise UsageError(f"{file}: sample #{i}: 'earlier_reviews' must be a list of strings")
-    return SampleSet(file, data, all("earlier_reviews" in s for s in data))
+    histories_file = path(os.path.dirname(os.path.abspath(file)), TEST_HISTORIES)
+    if all("earlier_reviews" in s for s in data) or not os.path.isfile(histories_file):
+        return SampleSet(file, data)
+    return SampleSet(file, data, load_test_histories(histories_file, file, data))
+
+
+def load_test_histories(file: str, samples_file: str, samples: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """test_histories.json, checked against the samples it serves (one-line errors naming the file)."""
+    data = read_json(file)
+    if not (isinstance(data, dict) and data.get("format") == dl.TEST_HISTORIES_FORMAT
+            and isinstance(data.get("users"), list)):
+        raise UsageError(f"{file}: not a {TEST_HISTORIES} written by train_distributed_MovieReview.py")
+    histories: dict[int, dict[str, Any]] = {}
+    for k, entry in enumerate(data["users"]):
+        reviews = entry.get("reviews") if isinstance(entry, dict) else None
+        if not (isinstance(reviews, list) and all(isinstance(r, str) for r in reviews)
+                and isinstance(entry.get("user_index"), int) and isinstance(entry.get("test_start"), int)):
+            raise UsageError(f"{file}: user entry #{k} needs user_index, test_start and a list of review strings")
+        histories[entry["user_index"]] = entry
+    for i, s in enumerate(samples):
+        entry = histories.get(s.get("user_index"))
+        position = s.get("position")
+        if entry is None or not isinstance(position, int) or not 0 <= position <= len(entry["reviews"]):
+            raise UsageError(f"{samples_file}: sample #{i} (user {s.get('user_index')!r}, position {position!r}) has "
+                             f"no earlier reviews in {file}: the two files are not from the same run")
+    return histories

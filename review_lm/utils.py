@@ -5,6 +5,7 @@ Kept free of torch/transformers imports so that error paths and ``--compare`` st
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +22,28 @@ _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuan
 
 class UsageError(Exception):
     """A user error: reported as one line ``error: <message>`` on stderr, exit code 2, no traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --batch_size: invalid int value: 'x'``, exit 2.
+
+    The usage text is printed only where it helps: an unknown flag or a missing required one."""
+
+    def error(self, message: str):
+        if message.startswith(("unrecognized arguments", "the following arguments are required")):
+            super().error(message)
+        self.exit(2, f"error: {message}\n")
+
+
+def check_range(name: str, value: float | int | None, minimum: float, inclusive: bool = True,
+                maximum: float | None = None) -> None:
+    """``--name`` must be >= minimum (or > with ``inclusive=False``) and <= maximum: one-line UsageError."""
+    if value is None:
+        return
+    low_ok = value >= minimum if inclusive else value > minimum
+    if not low_ok or (maximum is not None and value > maximum):
+        bound = f"{'>=' if inclusive else '>'} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+        raise UsageError(f"--{name} must be {bound}, got {value:g}")
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:

@@ -53,7 +53,7 @@ def test_defaults_keep_full_fine_tuning():
     (["--lora_rank", "16"], "--lora_rank: only used with --finetuning_type lora"),
     (["--lora_alpha", "32", "--lora_target", "q_proj"], "--lora_alpha, --lora_target: only used with"),
     (["--lora_dropout", "0.1"], "--lora_dropout: only used with"),
-    (["--finetuning_type", "lora", "--lora_rank", "0"], "must be at least 1"),
+    (["--finetuning_type", "lora", "--lora_rank", "0"], "--lora_rank must be >= 1, got 0"),
     (["--finetuning_type", "lora", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
     (["--finetuning_type", "lora", "--lora_target", " , "], "no module names given"),
 ])

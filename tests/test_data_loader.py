@@ -784,7 +784,7 @@ def test_sample_record_fields(qwen_tokenizer, example_splits, example_records):
         s = enc.sample
         assert record["prompt"] == enc.prompt
         assert record["reference"] == s.target.text == example_records[s.position]["continuation"].strip()
-        assert record["earlier_reviews"] == [r["continuation"].strip() for r in example_records[:s.position]]
+        assert "earlier_reviews" not in record and record["position"] == s.position  # the history is stored once
         assert record["history_count"] == enc.history_count
         assert record["prompt_tokens"] == enc.prompt_length
         assert record["split"] == s.split and record["user"] == "Y" and record["user_index"] == 0
@@ -792,6 +792,19 @@ def test_sample_record_fields(qwen_tokenizer, example_splits, example_records):
         assert record["movie"] == s.target.movie
         assert record["timestamp"] == example_records[s.position]["timestamp"]
         assert record["target_truncated"] is False
+
+
+def test_test_histories_store_each_users_earlier_reviews_once(example_splits, example_records):
+    test = example_splits["test"]
+    histories = json.loads(json.dumps(dl.test_histories(test), ensure_ascii=False))
+    assert histories["format"] == dl.TEST_HISTORIES_FORMAT and len(histories["users"]) == 1
+    user = histories["users"][0]
+    assert (user["user_index"], user["user"], user["test_start"]) == (0, "Y", test[0].position)
+    texts = [r["continuation"].strip() for r in example_records]
+    assert user["reviews"] == texts[:test[-1].position]  # up to (not including) the last test review
+    for s in test:  # every test sample's earlier reviews, and nothing of its own review
+        assert user["reviews"][:s.position] == texts[:s.position]
+    assert user["reviews"][:user["test_start"]] == texts[:len(example_splits["train"]) + len(example_splits["val"])]
 
 
 # --------------------------------------------------------------------------------------------------------------

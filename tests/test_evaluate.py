@@ -20,7 +20,6 @@ import evaluate_movie_review as ev
 from review_lm import generation, metrics
 from review_lm import metrics as review_metrics
 from review_lm import model_loading as ml
-from tests.eager_encoder import SampleTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "evaluate_movie_review.py")
@@ -78,19 +77,22 @@ def review_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, review_file) -> Path:
-    """A folder laid out like a training run: tiny model + tokenizer + test_samples.json from the real loader."""
+    """A folder laid out like a training run: tiny model + tokenizer + test_samples.json and test_histories.json
+    written by the run folder's own writers from the real loader and dataset."""
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
+    from review_lm import dataset as rd
+    from review_lm import run_folder as rf
     from review_lm.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_run")
     make_tiny_model(str(out), tokenizer_kind="bpe", corpus=[str(review_file)], vocab_size=500)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     splits = dl.split_chronologically(dl.load_review_file(str(review_file)))
-    encoded = SampleTokenizer(tokenizer, 512, dl.PromptBuilder()).encode_split(splits["test"])
-    (out / "test_samples.json").write_text(json.dumps([dl.sample_record(e) for e in encoded], ensure_ascii=False),
-                                           encoding="utf-8")
+    test = rd.build_datasets({"test": splits["test"]}, tokenizer, 512, dl.PromptBuilder())["test"]
+    rf.write_test_samples(str(out / rf.TEST_SAMPLES), test.encoded_samples())
+    rf.write_test_histories(str(out / rf.TEST_HISTORIES), splits["test"])
     return out
 
 
@@ -102,7 +104,11 @@ def run_copy(tiny_run, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def test_samples(tiny_run) -> list[dict]:
-    return json.loads((tiny_run / "test_samples.json").read_text(encoding="utf-8"))
+    """The run's test samples, each with its earlier reviews as evaluation reads them (SampleSet)."""
+    from review_lm import run_folder as rf
+
+    test = rf.load_test_samples(str(tiny_run / rf.TEST_SAMPLES))
+    return [{**s, "earlier_reviews": test.earlier_reviews(i)} for i, s in enumerate(test.samples)]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -206,7 +212,7 @@ def test_metric_definitions_name_tokenization_and_versions():
 # Baselines
 # --------------------------------------------------------------------------------------------------------------
 def test_last_baseline_copies_the_most_recent_earlier_review(test_samples):
-    outputs = metrics.baseline_last(test_samples)
+    outputs = metrics.baseline_last([s["earlier_reviews"] for s in test_samples])
     assert len(outputs) == len(test_samples) == 5
     for sample, output in zip(test_samples, outputs, strict=True):
         assert output == (sample["earlier_reviews"][-1] if sample["earlier_reviews"] else "")
@@ -215,17 +221,18 @@ def test_last_baseline_copies_the_most_recent_earlier_review(test_samples):
 
 
 def test_random_baseline_is_an_earlier_review_and_reproducible(test_samples):
-    outputs = metrics.baseline_random(test_samples, seed=3)
+    earlier = [s["earlier_reviews"] for s in test_samples]
+    outputs = metrics.baseline_random(earlier, seed=3)
     for sample, output in zip(test_samples, outputs, strict=True):
         assert output in sample["earlier_reviews"] if sample["earlier_reviews"] else output == ""
-    assert metrics.baseline_random(test_samples, seed=3) == outputs
-    many = [{"earlier_reviews": [str(i) for i in range(50)]}] * 20
+    assert metrics.baseline_random(earlier, seed=3) == outputs
+    many = [[str(i) for i in range(50)]] * 20
     assert metrics.baseline_random(many, seed=1) != metrics.baseline_random(many, seed=2)
 
 
 def test_baselines_never_read_the_reference():
-    # No "reference" key at all: a baseline that looked at it would raise KeyError.
-    samples = [{"earlier_reviews": ["旧的一条", "最近的一条"]}, {"earlier_reviews": []}]
+    # Baselines see only each sample's earlier reviews, never a reference.
+    samples = [["旧的一条", "最近的一条"], []]
     assert metrics.compute_baselines(samples, seed=0)["last"] == ["最近的一条", ""]
     assert metrics.compute_baselines(samples, seed=0)["random"][1] == ""
 
@@ -368,6 +375,7 @@ def test_baselines_only_needs_no_model_and_no_torch(tiny_run, tmp_path):
     run = tmp_path / "no_model"
     run.mkdir()
     shutil.copy(tiny_run / "test_samples.json", run)
+    shutil.copy(tiny_run / "test_histories.json", run)
     code = ("import sys, evaluate_movie_review as ev; "
             f"rc = ev.main(['--model_dir', {str(run)!r}, '--baselines_only']); "
             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
@@ -430,7 +438,8 @@ def test_baselines_only_without_earlier_reviews_exits_2(tmp_path):
     result = run_cli("--model_dir", str(run), "--baselines_only")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {run / 'test_samples.json'}: samples have no 'earlier_reviews', so there are no baselines to compute"]
+        f"error: {run / 'test_samples.json'}: samples have no earlier reviews (no 'earlier_reviews' and no "
+        "test_histories.json beside it), so there are no baselines to compute"]
     assert not (run / "eval").exists()
 
 
@@ -496,3 +505,19 @@ def test_compare_warns_about_different_test_sets(tmp_path, capsys):
         paths.append(str(path))
     assert ev.main(["--compare", *paths, "--compare_out", str(tmp_path / "c.png")]) == 0
     assert "different test sets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
+    (["--do_sample", "--temperature", "0"], "--temperature must be > 0, got 0"),
+    (["--do_sample", "--top_p", "1.5"], "--top_p must be > 0 and <= 1, got 1.5"),
+    (["--top_k", "-1"], "--top_k must be >= 0, got -1"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
+])
+def test_bad_numbers_are_one_line_and_write_nothing(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--model_dir", str(tmp_path / "run"), *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []

@@ -429,3 +429,16 @@ def test_flag_conflicts_are_refused_by_the_parser():
         with pytest.raises(SystemExit) as exc:
             gr.parse_args(args)
         assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--max_new_tokens", "-3"], "--max_new_tokens must be >= 1, got -3"),
+    (["--temperature", "0"], "--temperature must be > 0, got 0"),
+    (["--top_p", "0"], "--top_p must be > 0 and <= 1, got 0"),
+])
+def test_bad_numbers_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gr.parse_args(["--model_dir", "run", "--movie", "流浪地球", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]

@@ -70,15 +70,30 @@ def test_resume_flag_without_value_means_latest():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--max_epochs", "0"], "--max_epochs must be at least 1"),
-    (["--early_stopping_patience", "0"], "--early_stopping_patience >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--max_epochs", "0"], "--max_epochs must be >= 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+    (["--max_length", "-5"], "--max_length must be >= 1, got -5"),
+    (["--early_stopping_patience", "0"], "--early_stopping_patience must be >= 1, got 0"),
+    (["--learning_rate", "-1"], "--learning_rate must be > 0, got -1"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0, got 0"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be >= 0, got -1"),
+    (["--logging_steps", "-2"], "--logging_steps must be >= 0, got -2"),
+    (["--save_steps", "-1"], "--save_steps must be >= 0, got -1"),
+    (["--eval_steps", "-1"], "--eval_steps must be >= 0, got -1"),
+    (["--train_ratio", "1.5"], "--train_ratio must be between 0 and 1, got 1.5"),
+    (["--train_ratio", "0.5"], "--train_ratio + --val_ratio + --test_ratio must sum to 1, got 0.8"),
+    (["--batch_size", "two"], "argument --batch_size: invalid int value: 'two'"),
 ])
-def test_invalid_numbers_are_rejected_before_anything_is_read(argv, message, tmp_path, capsys, monkeypatch):
+def test_invalid_numbers_are_one_line_before_anything_is_read(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tr, "load_splits", lambda args: pytest.fail("data read before the flags were checked"))
     out = tmp_path / "out"
-    assert tr.main(["--data_file", "d.json", "--output_dir", str(out), *argv]) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = tr.main(["--data_file", "d.json", "--output_dir", str(out), *argv])
+    except SystemExit as exit_:  # argparse's own type errors
+        code = exit_.code
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]  # one line, no usage dump
     assert not out.exists()
 
 
