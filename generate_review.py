@@ -5,7 +5,8 @@
 
 The prompt is the one training used (``review_lm.dataset.encode_new_review``): the run's own settings
 from its ``training_config.json`` (``review_lm.run_folder.read_run_record``: profile/history ablation,
-``--max_length``) and the user's whole history,
+``--max_length``, ``--prompt_format`` and the chat template; a conversation run's prompt is the conversation of
+the user's turns + the new request, and a review also stops at the end-of-turn token) and the user's whole history,
 i.e. every review of theirs in the training data file (or ``--data_file``), oldest first, the newest kept when
 the token budget binds (room is kept for ``--max_new_tokens``). A film the user already reviewed is allowed:
 the history is what they wrote before now.

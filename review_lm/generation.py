@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from review_lm.model_loading import LoadedModel, load_model_and_tokenizer
+from review_lm.utils import UsageError
 
 
 @dataclass
@@ -44,9 +45,13 @@ class Generated:
 def stop_token_ids(tokenizer, chat_template: str = "none") -> list[int]:
     """What ends a review: the chat format's end-of-turn and EOS (``chat_format.ChatFormat.stop_token_ids``), or
     EOS alone for the plain spec prompt."""
+    from review_lm.chat_format import ChatFormatError
     from review_lm.dataset import chat_format_for
 
-    fmt = chat_format_for(tokenizer, chat_template)
+    try:
+        fmt = chat_format_for(tokenizer, chat_template)
+    except ChatFormatError as err:  # e.g. the model folder's tokenizer lost the template training used
+        raise UsageError(f"the model's tokenizer: {err}") from None
     return list(fmt.stop_token_ids) if fmt is not None else [tokenizer.eos_token_id]
 
 

@@ -121,7 +121,7 @@ def test_stop_tokens_follow_the_recorded_template(tokenizers):
     assert stop_token_ids(qwen, "tokenizer") == [im_end, qwen.eos_token_id]
     assert stop_token_ids(tokenizers["builtin"], "built-in ChatML") == [im_end, qwen.eos_token_id]
     assert stop_token_ids(tokenizers["bpe"], "built-in ChatML") == [tokenizers["bpe"].eos_token_id]
-    with pytest.raises(cf.ChatFormatError, match="has none"):
+    with pytest.raises(UsageError, match="has none"):
         stop_token_ids(tokenizers["bpe"], "tokenizer")
     assert split_at_eos([5, 6, im_end, 7, 0], [im_end, 0]) == ([5, 6], False)
     assert split_at_eos([5, 6, 0, im_end], [im_end, 0]) == ([5, 6], False)
