@@ -65,7 +65,8 @@ class ReviewDataError(ValueError):
         if record_index is not None:
             where.append(f"record #{record_index}")
         # One line, whatever the data holds (names and titles may contain newlines).
-        super().__init__((": ".join(where) + ": " + problem).replace("\r", "\\r").replace("\n", "\\n"))
+        message = "".join(f"{w}: " for w in where) + problem
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,15 +399,26 @@ class PromptBuilder:
     def request(movie: str) -> str:
         return f"请为电影《{movie}》写一条影评：\n"
 
-    def render(self, sample: Sample, history_count: int | None = None) -> str:
-        """The prompt for ``sample``, with the most recent ``history_count`` earlier reviews (default: all)."""
+    def render(self, sample: Sample, history_count: int | None = None, lines: Sequence[str] | None = None) -> str:
+        """The prompt for ``sample``, with the most recent ``history_count`` earlier reviews (default: all).
+
+        ``lines``: the user's :meth:`history_lines`, when many prompts of one user are rendered (each line is
+        folded once instead of once per prompt holding it); the text is the same."""
         history = self.kept_history(sample, history_count)
         parts = [self.header(sample.user)]
         if history:
             parts.append(self.history_title(len(history)))
-            parts.extend(self.history_item(r, i == len(history) - 1) for i, r in enumerate(history))
+            if lines is None:
+                parts.extend(self.history_item(r, i == len(history) - 1) for i, r in enumerate(history))
+            else:  # history_item(r, last) is history_line(r) + "\n", and one more "\n" after the last one
+                parts.append("\n".join(lines[sample.position - len(history):sample.position]) + "\n\n")
         parts.append(self.request(sample.target.movie))
         return "".join(parts)
+
+    @staticmethod
+    def history_lines(user: UserHistory) -> list[str]:
+        """Every review of ``user`` as its history line (no newline), for :meth:`render`'s ``lines``."""
+        return [history_line(r) for r in user.reviews]
 
     # -- the conversation format (--prompt_format conversation): the same texts as chat turns ---------------------
     # review_lm.chat_format frames them (system turn, user turns, assistant answers); no trailing newlines, the

@@ -28,7 +28,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import data_loader_movie_review as dl
-from review_lm import adapters, data_report, run_folder, run_report, sharding, tracking
+from review_lm import adapters, disk_space, progress, run_folder, run_guard, run_report, sharding, tracking
 from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
 from review_lm.chat_format import ChatFormatError
@@ -42,13 +42,14 @@ from review_lm.plan import (
     validate_arguments,
 )
 from review_lm.precision import PRECISIONS
-from review_lm.utils import ArgumentParser, UsageError, library_versions, write_text_atomic
+from review_lm.utils import ArgumentParser, UsageError, write_text_atomic
 
 if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data has been validated
     from review_lm import dataset as rd
 
 logger = logging.getLogger("movie_review")
 PREVIEW_SAMPLES = 3
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=42, help="random seed")
     train.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     train.add_argument("--logging_steps", type=int, default=0,
-                       help="log the training loss every N optimizer steps (0: once per epoch)")
+                       help="log the training loss every N optimizer steps (0: about 5 times per epoch); always "
+                            "also at the first step and at the end of every epoch")
     train.add_argument("--save_steps", type=int, default=0,
                        help="write a checkpoint every N optimizer steps (0: once per epoch); with a validation "
                             "split it also evaluates every N steps unless --eval_steps is given")
@@ -129,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="replace a previous run's files in output_dir")
     run.add_argument("--preview_only", action="store_true",
                      help="write training_samples_preview.txt and test_samples.json, then stop (no model load)")
+    run.add_argument("--keep_checkpoints", choices=run_folder.KEEP_CHECKPOINTS, default="all",
+                     help="after a successful finish: all = keep what the run kept (the best and the latest "
+                          "checkpoint), best = only the best one, none = no checkpoint (the final model stays); a "
+                          "stopped or failed run keeps everything needed to resume")
     run.add_argument("--save_format", choices=["bin", "safetensors"], default="bin",
                      help="final weights as pytorch_model.bin (spec) or model.safetensors")
     adapters.add_arguments(p)
@@ -153,13 +159,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, rank: int) -> int:
     validate_arguments(args)  # every flag check that needs neither data nor hardware
-    resume, start = plan_output_dir(args, rank)
-    if start.action == "finished":
-        return 0
+    # One run per output folder, for the run's whole life: taken before anything slow, released on any exit.
+    with run_guard.RunLock(args.output_dir, run_guard.launch_id(), log=logger.warning) as lock:
+        start = run_guard.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
+        if rank == 0:
+            for message in start.messages:
+                logger.warning(message)
+        if start.finished:
+            return 0
+        if rank == 0:
+            restarts = ft.restart_count(os.environ)
+            if restarts and start.plan.action == "resume":
+                logger.warning("torchrun restart %d of the worker group: %s", restarts, f"resuming from {start.resume}"
+                               if start.resume else "no complete checkpoint yet, starting from scratch")
+            elif start.resume:
+                logger.info("resuming from %s", start.resume)
+            if start.resume:
+                disk_space.remove_partial_checkpoints(args.output_dir, log=logger.warning)
+            run_guard.record_start(args.output_dir, start, lock.run_id, args.max_epochs)
+        try:
+            return run(args, rank, start, lock)
+        except (UsageError, dl.ReviewDataError):
+            if rank == 0 and not os.path.exists(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES)):
+                run_guard.undo_record_start(args.output_dir, start)  # nothing of this run was written yet
+            raise
+
+
+def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: run_guard.RunLock) -> int:
+    resume = start.resume
     report_to, report_msg = tracking.configure_reporting(args.report_to, os.environ,
                                                          importlib.util.find_spec("wandb") is not None)
-    plan = plan_hardware(args, probe_hardware(args), int(os.environ.get("WORLD_SIZE", "1")), report_to, report_msg,
-                         resume)
+    plan = plan_hardware(args, probe_hardware(args), WORLD_SIZE, report_to, report_msg, resume)
     ft.isolate_restarted_process_group(os.environ)  # a torchrun restart must not meet the dead group's store keys
 
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
@@ -170,6 +200,8 @@ def train(args: argparse.Namespace, rank: int) -> int:
     from review_lm import dataset as rd
 
     transformers.logging.set_verbosity_warning()
+    if not progress.stderr_is_terminal():  # no bar redraws (\r) from loading and saving in a log file
+        transformers.utils.logging.disable_progress_bar()
     source, local_only = ml.resolve_model_source(args.model_path, os.environ,
                                                  f"--model_path {args.model_path}: no such local folder")
     tokenizer = ml.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
@@ -187,7 +219,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
     model = None if args.preview_only else load_model(args, source, local_only, plan)
     model_facts = adapters.describe(args, model)
     if rank == 0:
-        start_output_dir(args, prepared, plan, model_facts, remove_previous=start.remove_previous)
+        start_output_dir(args, prepared, plan, model_facts, start, lock)
     if args.preview_only:
         if rank == 0:
             logger.info("--preview_only: wrote %s and %s to %s", run_folder.PREVIEW, run_folder.TEST_SAMPLES,
@@ -196,54 +228,40 @@ def train(args: argparse.Namespace, rank: int) -> int:
 
     if rank == 0 and report_to == "wandb":  # a resumed run keeps logging into the same W&B run
         tracking.configure_wandb_resume(os.environ, tracking.wandb_run_id(args.output_dir, resuming=bool(resume)))
+    precision = plan.precision
+    needed = disk_space.run_bytes(model_facts["total_params"], model_facts["trainable_params"],
+                                  precision.weights_dtype, precision.optimizer, args.finetuning_type, args.save_format,
+                                  bool(args.deepspeed))
+    if rank == 0 and (warning := disk_space.check_disk_space(args.output_dir, needed)):
+        logger.warning(warning)
     trainer = build_trainer(args, model, tokenizer, prepared, plan)
     stop = ft.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
     trainer.add_callback(stop)
-    result = trainer.train(resume_from_checkpoint=resume)
-    if stop.signum:
-        report_stop(trainer, stop)
-        return stop.exit_code
-    save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+        if stop.signum:
+            ft.report_stop(trainer, stop, ft.resume_command(sys.argv[1:], script_name(), os.environ))
+            return stop.exit_code
+        save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
+    except Exception as err:  # a full disk, a lost mount: one line with the way back, not a traceback
+        if not disk_space.is_save_failure(err):
+            raise
+        command = ft.resume_command(sys.argv[1:], script_name(), os.environ)
+        raise disk_space.save_failure(args.output_dir, rank, err, needed, command) from None
     if trainer.is_world_process_zero():
         outcome = run_report.summarize_run(args, trainer, result, plan.has_val)
-        run_folder.write_run_record(args.output_dir, run_record(args, prepared, plan, model_facts, outcome))
+        record = run_folder.run_record(args, prepared.data, prepared.splits, {
+            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts,
+            **prepared.format_facts(), "epoch": prepared.epoch_facts(plan.steps_per_epoch)}, outcome,
+            run_guard.fingerprint_digest(start.fingerprint))
+        run_folder.write_run_record(args.output_dir, record)
+        removed, freed = run_folder.remove_checkpoints(args.output_dir, args.keep_checkpoints,
+                                                       outcome["best_checkpoint"])
+        if removed:
+            logger.info("--keep_checkpoints %s: removed %s (%s)", args.keep_checkpoints, ", ".join(removed),
+                        disk_space.human_bytes(freed))
         run_report.log_end_summary(args, outcome)
     return 0
-
-
-def plan_output_dir(args: argparse.Namespace, rank: int) -> tuple[str | None, ft.StartPlan]:
-    """What this start does with output_dir: a first start is judged by check_output_dir; a torchrun restart
-    (--max-restarts) of the worker group continues the run by itself. Only complete checkpoints are resumed."""
-    restarts = ft.restart_count(os.environ)
-    start = ft.plan_start(run_folder.output_dir_state(args.output_dir), args.resume_from_checkpoint,
-                          args.overwrite_output_dir, restarts)
-    if start.action == "finished":
-        if rank == 0:
-            logger.warning("torchrun restart %d: %s already holds the finished run; nothing to do", restarts,
-                           args.output_dir)
-        return None, start
-    if start.action == "check":
-        run_folder.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
-    resume = ft.resolve_resume(start.resume, args.output_dir, restarts,
-                               log=logger.warning if rank == 0 else lambda message: None)
-    adapters.check_resume(resume, args.finetuning_type)
-    if rank == 0 and restarts:
-        logger.warning("torchrun restart %d of the worker group: %s", restarts,
-                       f"resuming from {resume}" if resume else "no complete checkpoint yet, starting from scratch")
-    elif rank == 0 and resume:
-        logger.info("resuming from %s", resume)
-    return resume, start
-
-
-def report_stop(trainer, stop) -> None:
-    """After SIGTERM/SIGINT: where the run stopped and the exact command that continues it."""
-    if trainer.is_world_process_zero():
-        import signal
-
-        script = sys.argv[0] if sys.argv[0].endswith(".py") else os.path.basename(__file__)
-        logger.warning("stopped by %s after optimizer step %d; checkpoint %s. To resume: %s",
-                       signal.Signals(stop.signum).name, stop.stopped_step, stop.checkpoint,
-                       ft.resume_command(sys.argv[1:], script, os.environ))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -258,15 +276,18 @@ def load_splits(args: argparse.Namespace) -> tuple[dl.ReviewData, dict[str, list
 
 
 def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-                     remove_previous: bool) -> None:
+                     start: run_guard.RunStart, lock: run_guard.RunLock) -> None:
     """Rank 0, before training: clear an overwritten run, say what will happen, write the data files.
 
     The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
     rewrites them (atomically) to the same content."""
-    if remove_previous:
+    from review_lm import dataset as rd
+
+    if start.plan.remove_previous:
         removed = run_folder.remove_previous_run(args.output_dir)
         if removed:
             logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+        run_guard.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
     os.makedirs(args.output_dir, exist_ok=True)
     logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts,
                                          {**prepared.format_facts(), **prepared.epoch_facts(plan.steps_per_epoch)}))
@@ -275,27 +296,9 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
     out = args.output_dir
-    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES), prepared.encoded("test"))
+    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
+                                  rd.prompt_records(prepared.datasets["test"]))
     run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
-
-
-def run_record(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-               outcome: dict[str, Any]) -> dict[str, Any]:
-    """training_config.json: the arguments, every decision, the data, the result and the library versions."""
-    return {
-        "arguments": vars(args),
-        "resolved": {**plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts,
-                     **prepared.format_facts(), "epoch": prepared.epoch_facts(plan.steps_per_epoch)},
-        "data": {
-            "file": ", ".join(os.path.abspath(p) for p in args.data_file),
-            "files": [os.path.abspath(f) for f in prepared.data.files],  # every file read (dirs expanded)
-            "users": len(prepared.data.users),
-            "reviews": prepared.data.num_reviews, "splits": data_report.split_summary(prepared.splits),
-        },
-        "result": outcome,
-        "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
-                                      "torch-optimi", "bitsandbytes", "deepspeed")),
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def load_model(args, source: str, local_only: bool, plan: RunPlan):
 
 
 def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPlan):
-    from transformers import EarlyStoppingCallback, TrainingArguments
+    from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 
     from review_lm import completion_training as ct
     from review_lm import dataset as rd
@@ -349,8 +352,11 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        logging_strategy="steps" if args.logging_steps else "epoch",
-        logging_steps=args.logging_steps or 500,
+        # The loss at the first step, a handful of times per epoch and at each epoch's end (review_lm.progress).
+        logging_strategy="steps",
+        logging_steps=plan.logging_steps,
+        logging_first_step=True,
+        disable_tqdm=not progress.stderr_is_terminal(),  # no bars (and no escape sequences) in a log file
         report_to=plan.report_to,
         run_name=args.wandb_run_name or os.path.basename(os.path.normpath(args.output_dir)),
         seed=args.seed,
@@ -364,7 +370,7 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         **sharding.model_training_kwargs(plan.sharding, model, args.gradient_checkpointing),  # FSDP / DeepSpeed
     )
     # Length grouping reads the datasets' precomputed lengths instead of assembling every sample to measure it.
-    return rd.with_dataset_lengths(ct.CompletionTrainer)(
+    trainer = rd.with_dataset_lengths(ct.CompletionTrainer)(
         model=model,
         args=training_args,
         train_dataset=prepared.datasets["train"],
@@ -376,6 +382,12 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
         completion_only_logits=efficiency.completion_only_logits,
     )
+    # Readable log lines (and one progress bar only in a terminal) instead of Trainer's printed dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(progress.progress_callback(progress.stderr_is_terminal()))
+    trainer.add_callback(progress.epoch_end_log())
+    return trainer
 
 
 def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = None) -> None:
@@ -401,6 +413,10 @@ def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = N
         # transformers 5 only writes safetensors; the spec's pytorch_model.bin is re-written from what save_model
         # wrote (whole weights even when training was sharded), which from_pretrained still reads.
         sharding.full_weights_to_bin(args.output_dir)
+
+
+def script_name() -> str:
+    return sys.argv[0] if sys.argv[0].endswith(".py") else os.path.basename(__file__)
 
 
 if __name__ == "__main__":

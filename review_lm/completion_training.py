@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer
 
 IGNORE_INDEX = -100  # label value the loss ignores (same as data_loader_movie_review.IGNORE_INDEX)
@@ -123,16 +124,44 @@ class CompletionTrainer(Trainer):
 
     Overrides ``compute_loss``, Trainer's documented extension point; "labels" stay in the batch, so Trainer
     still counts ``num_items_in_batch`` and computes the evaluation loss, both through this method.
+
+    The evaluation loss is the token-weighted mean over the whole split (every labelled token counts once),
+    whatever the batching: Trainer's own averages each batch's mean loss weighted by the batch's row count,
+    which is 1 for a packed row of many samples, so ``eval_loss`` would depend on how samples were packed.
+    ``evaluation_loop`` (public, shared by evaluate/predict) is wrapped to replace it with the sums kept by
+    ``compute_loss`` (summed over processes).
     """
 
     def __init__(self, *args, completion_only_logits: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.completion_only_logits = completion_only_logits
+        self._eval_sums: list[torch.Tensor] = []  # per evaluation batch: (loss sum, labelled tokens)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_sums = []
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_sums and f"{prefix}_loss" in output.metrics:
+            total = self.accelerator.reduce(torch.stack(self._eval_sums).sum(0), reduction="sum")
+            output.metrics[f"{prefix}_loss"] = (total[0] / total[1].clamp(min=1)).item()
+        self._eval_sums = []
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # No KV cache in a loss forward; with packed rows a cache would also switch off the mask that keeps
         # the samples apart.
         inputs = {**inputs, "use_cache": False}
+        evaluating = not model.training and "labels" in inputs
+        if evaluating:  # this batch's own token mean; the split's mean is made in evaluation_loop
+            num_items_in_batch = None
+        result = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        if evaluating:
+            loss = result[0] if return_outputs else result
+            tokens = (next_token_labels(inputs["labels"]) != IGNORE_INDEX).sum()
+            self._eval_sums.append(torch.stack([loss.detach().float() * tokens, tokens.float()]))
+        return result
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):
         if not self.completion_only_logits:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 

@@ -207,6 +207,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                                                         builder.request_text(sample.target.movie))
         return ConversationSample(sample, enc.input_ids[:stop], enc.labels[:stop], prompt, begin, at, w.truncated)
 
+    def prompt_records(self) -> Iterator[ConversationSample]:
+        """Every review's record (test_samples.json), in the split's order (see :meth:`encoded`)."""
+        return iter(self.encoded_samples())
+
     def encoded_samples(self) -> ReviewView:
         return ReviewView(self)
 

@@ -405,6 +405,38 @@ def build_datasets(splits: dict[str, list[dl.Sample]], tokenizer, max_length: in
             for name, samples in splits.items()}
 
 
+@dataclass(frozen=True)
+class PromptRecord:
+    """What test_samples.json records of a sample (``dl.sample_record``): its prompt and budget, no token ids."""
+
+    sample: dl.Sample
+    prompt: str
+    prompt_length: int
+    history_count: int
+    target_truncated: bool
+
+
+def prompt_records(dataset) -> Iterator[PromptRecord]:
+    """Each sample's :class:`PromptRecord`, in order, without assembling any ids; every user's history lines are
+    folded once for all of their prompts (a user's test samples share almost all of their history). A
+    conversation dataset gives its reviews' generation prompts (``ConversationDataset.prompt_records``)."""
+    if not isinstance(dataset, ReviewDataset):
+        yield from dataset.prompt_records()
+        return
+    if dataset.samples is None:
+        raise RuntimeError("release_texts() dropped the samples: only input_ids / labels remain")
+    builder, lines_of = dataset.tokens.builder, {}
+    truncated = dataset.truncated
+    for i, s in enumerate(dataset.samples):
+        lines = lines_of.get(s.user.index)
+        if lines is None and builder.use_history:
+            lines_of.clear()  # samples come user by user: keep one user's lines at a time
+            lines = lines_of[s.user.index] = builder.history_lines(s.user)
+        count = int(dataset.history_count[i])
+        prompt = dataset.framing[0] + builder.render(s, count, lines) + dataset.framing[1]
+        yield PromptRecord(s, prompt, int(dataset.prompt_length[i]), count, bool(truncated[i]))
+
+
 def prompt_text_mismatches(tokenizer, encoded: Sequence[EncodedSample]) -> int:
     """How many samples' prompt ids differ from ``tokenizer(prompt)``.
 

@@ -211,3 +211,36 @@ def explain_save_failure(err: BaseException, output_dir: str, needed_bytes: int 
     except OSError:
         free = None
     return UsageError(describe_save_failure(err, output_dir, needed_bytes, last, resume_cmd, free))
+
+
+CHECKPOINTS_ON_DISK = 3  # Trainer's save_total_limit (2: the best and the latest) + the one being written
+OVERHEAD_BYTES = 20 * 1024 * 1024  # per copy: tokenizer files (11 MB for Qwen's vocabulary), config, rng, scheduler
+
+
+def run_bytes(total_params: int, trainable_params: int, weights_dtype: str, optimizer: str, finetuning_type: str,
+              save_format: str, deepspeed: bool = False) -> int:
+    """What a training run writes at its peak (:func:`estimate_run_bytes` for this run's settings). Pure."""
+    lora = finetuning_type == "lora"
+    weights = 4 if lora or weights_dtype == "float32" else 2  # LoRA saves its fp32 adapters only
+    if deepspeed:
+        optimizer_bytes = OPTIMIZER_BYTES["deepspeed_adamw"]
+    else:
+        optimizer_bytes = OPTIMIZER_BYTES["adamw_kahan_bf16" if optimizer == "optimi_adamw_kahan" else "adamw"]
+    return estimate_run_bytes(total_params, trainable_params, weights, optimizer_bytes, CHECKPOINTS_ON_DISK,
+                              final_copies=2 if save_format == "bin" and not lora else 1,
+                              saved_params=trainable_params if lora else total_params,
+                              overhead_bytes=OVERHEAD_BYTES)
+
+
+def is_save_failure(err: BaseException) -> bool:
+    """An error a save can end in that is the machine's, not the code's: any OSError, or a full disk however the
+    writer reports it (torch.save's RuntimeError, safetensors' SafetensorError)."""
+    return isinstance(err, OSError) or is_disk_full(err)
+
+
+def save_failure(output_dir: str, rank: int, err: BaseException, needed_bytes: int, resume_cmd: str) -> UsageError:
+    """The one line a failed save ends in, on every rank; the leader also removes the partial checkpoint (no
+    other process saves then)."""
+    if rank == 0:
+        return explain_save_failure(err, output_dir, needed_bytes, resume_cmd)
+    return UsageError(f"rank {rank}: {describe_save_failure(err, output_dir, needed_bytes, None, resume_cmd)}")

@@ -445,3 +445,10 @@ def graceful_stop_callback(exit_now: Callable[[int], None] = os._exit) -> Gracef
 
     callback_class = type("GracefulStopCallback", (GracefulStop, TrainerCallback), {})
     return callback_class(exit_now)
+
+
+def report_stop(trainer, stop: GracefulStop, resume_cmd: str) -> None:
+    """After SIGTERM/SIGINT (rank 0): where the run stopped and the exact command that continues it."""
+    if trainer.is_world_process_zero():
+        logger.warning("stopped by %s after optimizer step %d; checkpoint %s. To resume: %s",
+                       signal.Signals(stop.signum).name, stop.stopped_step, stop.checkpoint, resume_cmd)

@@ -51,10 +51,18 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
     url = urlparse(endpoint)
     try:
-        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname or "", hub_port(endpoint)), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def hub_port(endpoint: str) -> int:
+    """The port an endpoint URL connects to: its own, else the scheme's (http 80, https 443)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    return url.port or (80 if url.scheme == "http" else 443)
 
 
 def hub_offline(environ: Mapping[str, str]) -> bool:

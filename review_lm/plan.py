@@ -27,6 +27,7 @@ from review_lm import adapters, sharding
 from review_lm import completion_training as ct
 from review_lm import fault_tolerance as ft
 from review_lm.precision import PrecisionPlan, optimi_importable, plan_precision
+from review_lm.progress import logging_cadence
 from review_lm.utils import UsageError, check_range, importable
 
 # --------------------------------------------------------------------------------------------------------------
@@ -192,6 +193,7 @@ class RunPlan:
     schedule: dict[str, Any] = field(default_factory=dict)  # TrainingArguments' save/eval strategy and steps
     steps_per_epoch: int = 0
     max_steps: int = 0
+    logging_steps: int = 0  # the training loss is logged every this many optimizer steps (and at epoch ends)
 
     @property
     def precision(self) -> PrecisionPlan:
@@ -201,9 +203,12 @@ class RunPlan:
         """The plan completed by the split sizes: refuses a bad --save_steps/--eval_steps pair here."""
         steps = optimizer_steps_per_epoch(train_samples, args.batch_size, self.world_size,
                                           args.gradient_accumulation_steps)
-        return replace(self, has_val=has_val, schedule=ft.checkpoint_schedule(args.save_steps, args.eval_steps,
-                                                                              has_val),
-                       steps_per_epoch=steps, max_steps=steps * args.max_epochs)
+        schedule = ft.checkpoint_schedule(args.save_steps, args.eval_steps, has_val)
+        # Per-epoch strategies ignore the step counts, but Trainer stores them in every checkpoint and warns on
+        # resume when they differ from its 500 default: give the epoch's length instead.
+        schedule = {"save_steps": steps, "eval_steps": steps, **schedule}
+        return replace(self, has_val=has_val, schedule=schedule, steps_per_epoch=steps,
+                       max_steps=steps * args.max_epochs, logging_steps=logging_cadence(args.logging_steps, steps))
 
     def record(self) -> dict[str, Any]:
         """The decisions as training_config.json's ``resolved`` section records them (model facts come apart)."""
@@ -214,6 +219,7 @@ class RunPlan:
             "attention_reason": self.runtime.attention_reason, "device": self.runtime.device,
             "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,
             "optimizer_steps_per_epoch": self.steps_per_epoch, "max_optimizer_steps": self.max_steps,
+            "logging_steps": self.logging_steps,
             "report_to": self.report_to, **self.efficiency.facts(), "resumed_from": self.resumed_from,
             "quantization": f"{self.quantization.bits}-bit nf4" if self.quantization else None,
             "sharding": self.sharding.describe(),

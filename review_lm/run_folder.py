@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import data_loader_movie_review as dl
-from review_lm.utils import UsageError, write_atomic, write_json_atomic
+from review_lm.utils import UsageError, library_versions, write_atomic, write_json_atomic
 
 # --------------------------------------------------------------------------------------------------------------
 # File names
@@ -34,6 +34,7 @@ LOSS_CURVE = "loss_curve.png"
 WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
 LOCK_FILE = ".run.lock"  # flock'ed by the run's leader (run_guard.RunLock); holds the holder while the run lives
 LAUNCH_MARKER = ".launch.json"  # which launch's files the folder holds (run_guard.plan_restart)
+FINGERPRINT_FILE = "run_fingerprint.json"  # what defines the run (arguments, data digest): resumes must match
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
 METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
@@ -60,7 +61,8 @@ TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence me
 # Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
 RUN_ARTIFACTS = (
     *WEIGHT_FILES, CONFIG, "generation_config.json", *TOKENIZER_FILES, RUN_RECORD, TEST_SAMPLES, TEST_HISTORIES,
-    PREVIEW, LOSS_CURVE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR,
+    PREVIEW, LOSS_CURVE, FINGERPRINT_FILE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, MERGED_DIR,
 )
 
 KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
@@ -152,6 +154,39 @@ def remove_previous_run(output_dir: str) -> list[str]:
     return removed
 
 
+KEEP_CHECKPOINTS = ("all", "best", "none")
+
+
+def checkpoints_to_remove(names: list[str], keep: str, best: str | None) -> list[str]:
+    """Which ``checkpoint-N`` folders ``--keep_checkpoints`` removes after a successful finish. Pure.
+
+    ``all``: none (the run keeps at most two while it trains: the best and the latest). ``best``: all but the
+    best one (``best``: its folder name; without a validation split the latest checkpoint, whose weights are the
+    final model's). ``none``: every one (the final model is saved beside them; nothing can be resumed then).
+    """
+    checkpoints = sorted((n for n in names if checkpoint_step(n) is not None), key=checkpoint_step)
+    if keep == "all" or not checkpoints:
+        return []
+    if keep == "none":
+        return checkpoints
+    kept = best if best in checkpoints else checkpoints[-1]
+    return [n for n in checkpoints if n != kept]
+
+
+def remove_checkpoints(output_dir: str, keep: str, best_checkpoint: str | None) -> tuple[list[str], int]:
+    """Apply ``--keep_checkpoints`` (after a successful finish only); return what was removed and its bytes."""
+    best = os.path.basename(os.path.normpath(best_checkpoint)) if best_checkpoint else None
+    removed = checkpoints_to_remove(checkpoint_names(output_dir), keep, best)
+    freed = 0
+    for name in removed:
+        folder = path(output_dir, name)
+        freed += sum(f.stat().st_size for f in os.scandir(folder) if f.is_file())  # Trainer's files are flat
+        for sub in (p for p in os.scandir(folder) if p.is_dir()):  # DeepSpeed's global_stepN/
+            freed += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(sub.path) for f in fs)
+        shutil.rmtree(folder)
+    return removed, freed
+
+
 # --------------------------------------------------------------------------------------------------------------
 # training_config.json: written by training, read by evaluation and generation
 # --------------------------------------------------------------------------------------------------------------
@@ -160,6 +195,27 @@ DEFAULT_MAX_LENGTH = 4096  # the trainer's --max_length default (also for a reco
 
 def write_run_record(output_dir: str, record: dict[str, Any]) -> None:
     write_json_atomic(path(output_dir, RUN_RECORD), record)
+
+
+def run_record(args, data: dl.ReviewData, splits: dict[str, list[dl.Sample]], resolved: dict[str, Any],
+               outcome: dict[str, Any], fingerprint_digest: str) -> dict[str, Any]:
+    """training_config.json: the arguments, every decision, the data, the result and the library versions."""
+    from review_lm.data_report import split_summary
+
+    return {
+        "arguments": vars(args),
+        "resolved": resolved,
+        "data": {
+            "file": ", ".join(os.path.abspath(p) for p in args.data_file),
+            "files": [os.path.abspath(f) for f in data.files],  # every file read (dirs expanded)
+            "users": len(data.users),
+            "reviews": data.num_reviews, "splits": split_summary(splits),
+        },
+        "result": outcome,
+        "fingerprint": fingerprint_digest,  # run_fingerprint.json holds the whole fingerprint
+        "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
+                                      "torch-optimi", "bitsandbytes", "deepspeed")),
+    }
 
 
 def _path_list(value: Any) -> list[str]:
@@ -247,16 +303,15 @@ def recorded_arguments(model_dir: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------------------
 # test_samples.json: written by training (the spec's file), read by evaluation
 # --------------------------------------------------------------------------------------------------------------
-def write_test_samples(file: str, encoded: Iterable) -> None:
-    """test_samples.json, record by record (``dl.sample_record``): the same bytes as ``write_json_atomic(file,
-    [records])`` without holding every record (and every test prompt) in memory at once."""
+def write_test_samples(file: str, records: Iterable) -> None:
+    """test_samples.json: a JSON list of ``dl.sample_record`` objects (what the spec's Q2 loads), one sample per
+    line, written record by record without holding every test prompt in memory at once. One line per sample
+    rather than an indented tree: json's C encoder writes it (``indent`` switches to the pure-Python one)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             first = True
-            for enc in encoded:
-                text = json.dumps(dl.sample_record(enc), ensure_ascii=False, indent=2)
-                # One level deeper, as inside a list. JSON strings hold no raw newlines, so every line is safe.
-                f.write(("[\n" if first else ",\n") + "  " + text.replace("\n", "\n  "))
+            for record in records:
+                f.write(("[\n" if first else ",\n") + json.dumps(dl.sample_record(record), ensure_ascii=False))
                 first = False
             f.write("[]\n" if first else "\n]\n")
 

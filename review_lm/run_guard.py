@@ -28,6 +28,7 @@ before anything slow.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -40,10 +41,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import data_loader_movie_review as dl
+from review_lm import adapters, run_folder
 from review_lm.fault_tolerance import (
+    resolve_resume,
     restart_count,
 )
-from review_lm.run_folder import LAUNCH_MARKER, LOCK_FILE
+from review_lm.run_folder import FINGERPRINT_FILE, LAUNCH_MARKER, LOCK_FILE
 from review_lm.utils import UsageError, write_json_atomic
 
 logger = logging.getLogger("movie_review")
@@ -65,7 +69,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "max_epochs", "early_stopping_patience", "logging_steps", "save_steps", "eval_steps",
     "gradient_checkpointing", "disable_flash_attn", "disable_completion_only_logits", "trust_remote_code",
     "report_to", "wandb_project", "wandb_run_name", "resume_from_checkpoint", "overwrite_output_dir",
-    "preview_only", "save_format", "merge_lora",
+    "preview_only", "save_format", "merge_lora", "keep_checkpoints",
 })
 
 
@@ -309,6 +313,8 @@ class RunLock:
         self.run_id = run_id
         self._log, self._timeout, self._poll = log, timeout, poll
         self._fd: int | None = None
+        self._created = False  # this lock made output_dir: a failed start removes it again
+        self._created_file = False  # this lock made the lock file: it is removed again on release
         self.holder: dict[str, Any] | None = None  # the leader's record (own, or the one a follower accepted)
         self.verified = False  # True once this process holds the lock or saw its launch's leader hold it
 
@@ -327,7 +333,9 @@ class RunLock:
     def _acquire_leader(self) -> None:
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise UsageError(f"--output_dir {self.output_dir} exists and is not a directory")
+        self._created = not os.path.exists(self.output_dir)
         os.makedirs(self.output_dir, exist_ok=True)
+        self._created_file = not os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -389,6 +397,14 @@ class RunLock:
             return
         try:
             os.ftruncate(fd, 0)  # a clean exit leaves no holder: the next start has nothing "dead" to report
+            # Leave the folder as it was found: remove the lock file this lock made (still locked here), and
+            # the folder too when this lock made it and nothing else was written. (A third launch that opened
+            # the file in the instant before its removal could then lock the removed file: launches racing
+            # within milliseconds are not guarded against.)
+            if self._created_file:
+                os.remove(self.path)
+            if self._created and not os.listdir(self.output_dir):
+                os.rmdir(self.output_dir)
         except OSError:
             pass
         finally:
@@ -466,10 +482,116 @@ def plan_restart(restarts: int, overwrite: bool, resume: str | None, state: str,
         return LaunchPlan("finished", None, False,
                           f"torchrun restart {restarts}: {output_dir} already holds this launch's finished run; "
                           "nothing to do")
-    if state == "unfinished":
-        return LaunchPlan("resume", "latest", False,
-                          f"torchrun restart {restarts}: resuming this launch's latest complete checkpoint")
+    if state == "unfinished":  # the train script names the checkpoint it resumes from
+        return LaunchPlan("resume", "latest", False)
     explicit = resume if resume not in (None, "latest") else None  # a checkpoint from another folder
     return LaunchPlan("resume", explicit, False,
                       f"torchrun restart {restarts}: no checkpoint of this launch yet; "
                       + (f"starting again from {explicit}" if explicit else "starting from scratch"))
+
+
+# ==============================================================================================================
+# 4. The start of a training run: lock taken, then what to do with output_dir (train script, every rank)
+# ==============================================================================================================
+@dataclass(frozen=True)
+class RunStart:
+    """What this start does: ``plan`` (check | resume | finished), the checkpoint to resume from (a complete one,
+    or None), the run's fingerprint, and the lines to log (rank 0)."""
+
+    plan: LaunchPlan
+    resume: str | None
+    fingerprint: dict[str, Any]
+    messages: tuple[str, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        return self.plan.action == "finished"
+
+
+def read_fingerprint(output_dir: str) -> dict[str, Any] | None:
+    """The fingerprint record of the run in ``output_dir`` (``{"fingerprint": ..., "max_epochs": N}``), if any."""
+    return _read_json(os.path.join(output_dir, FINGERPRINT_FILE))
+
+
+def write_fingerprint(output_dir: str, fingerprint: Mapping[str, Any], max_epochs: int) -> None:
+    write_json_atomic(os.path.join(output_dir, FINGERPRINT_FILE),
+                      {"fingerprint": fingerprint, "digest": fingerprint_digest(fingerprint), "max_epochs": max_epochs})
+
+
+def current_fingerprint(args, world_size: int) -> dict[str, Any]:
+    """The run's fingerprint from its arguments and data files (their bytes are hashed, not parsed: seconds for a
+    million reviews); a file that cannot be read is the loader's one-line error."""
+    files = dl.expand_data_paths(args.data_file)
+    for file in files:
+        try:
+            with open(file, "rb"):
+                pass
+        except FileNotFoundError:
+            raise dl.ReviewDataError(file, "file not found") from None
+        except IsADirectoryError:
+            raise dl.ReviewDataError(file, "is a directory, not a JSON file") from None
+        except OSError as err:
+            raise dl.ReviewDataError(file, f"cannot read file: {err.strerror or err}") from None
+    return run_fingerprint(vars(args), files, {"world_size": world_size})
+
+
+def decide_start(args, lock: RunLock, world_size: int, environ: Mapping[str, str] = os.environ,
+                 skipped: Callable[[str], None] | None = None) -> RunStart:
+    """Everything a start decides about ``args.output_dir`` before anything slow, refusing with one line.
+
+    A first start is judged by ``run_folder.check_output_dir``; a resume (``--resume_from_checkpoint`` or a
+    torchrun restart of this launch) continues only the same run: the same fingerprint (arguments and data
+    content), and a finished run only when ``--max_epochs`` grows.
+    """
+    out = args.output_dir
+    restarts = restart_count(environ)
+    state = run_folder.output_dir_state(out)
+    plan = plan_restart(restarts, args.overwrite_output_dir, args.resume_from_checkpoint, state,
+                        lock.marker_at_start, lock.run_id, out)
+    messages = [plan.message] if plan.message else []
+    if plan.action == "finished":
+        return RunStart(plan, None, {}, tuple(messages))
+    if plan.action == "check":
+        run_folder.check_output_dir(out, plan.remove_previous, plan.resume)
+    fingerprint = current_fingerprint(args, world_size)
+    resume = resolve_resume(plan.resume, out, restarts, log=skipped or (lambda message: None))
+    adapters.check_resume(resume, args.finetuning_type)  # the clearer line for a LoRA/full mix-up
+    if plan.resume is not None:  # continuing a run: it must be the same run
+        recorded = read_fingerprint(out) or {}
+        decision = resume_decision(recorded.get("fingerprint"), fingerprint, state == "finished",
+                                   recorded.get("max_epochs"), args.max_epochs, out)
+        if decision.action == "refuse":
+            raise UsageError(decision.message)
+        if decision.message:
+            messages.append(decision.message)
+        if state == "finished" and os.path.isdir(os.path.join(out, run_folder.EVAL_DIR)):
+            messages.append(f"{os.path.join(out, run_folder.EVAL_DIR)} describes the run before this resume: "
+                            "evaluate again (evaluate_movie_review.py --overwrite) when training ends")
+    return RunStart(plan, resume, fingerprint, tuple(messages))
+
+
+def record_start(output_dir: str, start: RunStart, run_id: str | None, max_epochs: int) -> None:
+    """Leader, right after :func:`decide_start`, before any slow step: name this launch in the folder and record
+    the run's fingerprint. A start that will clear a previous run (--overwrite_output_dir) only marks the folder
+    "clearing" here: the previous run's files (and fingerprint) stay until :func:`record_cleared`, after the data
+    and the model have loaded, so that a bad input loses nothing."""
+    if start.plan.remove_previous:
+        write_launch_marker(output_dir, run_id, "clearing")
+        return
+    write_fingerprint(output_dir, start.fingerprint, max_epochs)
+    write_launch_marker(output_dir, run_id, "started")
+
+
+def record_cleared(output_dir: str, start: RunStart, run_id: str | None, max_epochs: int) -> None:
+    """Leader, after the previous run's files were removed: the folder now holds this launch's run."""
+    write_fingerprint(output_dir, start.fingerprint, max_epochs)
+    write_launch_marker(output_dir, run_id, "started")
+
+
+def undo_record_start(output_dir: str, start: RunStart) -> None:
+    """Leader, when a first start fails before it wrote anything else (bad data, a model that does not load):
+    remove the fingerprint and marker :func:`record_start` wrote, so the folder is as it was."""
+    if start.plan.action == "check" and start.resume is None and not start.plan.remove_previous:
+        for name in (FINGERPRINT_FILE, LAUNCH_MARKER):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))

@@ -118,17 +118,30 @@ def scaling_summary_rows(facts: dict[str, Any]) -> list[str]:
 # End
 # --------------------------------------------------------------------------------------------------------------
 def epoch_losses(log_history: list[dict[str, Any]]) -> tuple[dict[int, float], dict[int, float]]:
-    """Train and eval loss per (rounded) epoch from Trainer's log history; the last value of an epoch wins."""
-    train, evaluation = {}, {}
+    """Train and eval loss per (rounded) epoch from Trainer's log history.
+
+    Each logged training loss is the mean over the optimizer steps since the previous log, and the loss is also
+    logged at every epoch's end (``progress.EpochEndLog``), so an epoch's windows add up to exactly its steps: the
+    epoch's training loss is their step-weighted mean (= the mean over the epoch's steps, as a per-epoch log
+    gives it). For evaluation the last value of an epoch wins.
+    """
+    sums: dict[int, float] = {}
+    steps: dict[int, int] = {}
+    evaluation: dict[int, float] = {}
+    last_step = 0
     for entry in log_history:
         if "epoch" not in entry:
             continue
         epoch = max(1, math.ceil(entry["epoch"] - 1e-6))
         if "loss" in entry:
-            train[epoch] = entry["loss"]
+            step = entry.get("step", last_step + 1)
+            window = max(1, step - last_step)
+            sums[epoch] = sums.get(epoch, 0.0) + entry["loss"] * window
+            steps[epoch] = steps.get(epoch, 0) + window
+            last_step = step
         if "eval_loss" in entry:
             evaluation[epoch] = entry["eval_loss"]
-    return train, evaluation
+    return {e: sums[e] / steps[e] for e in sums}, evaluation
 
 
 def loss_points(log_history: list[dict[str, Any]], key: str) -> list[tuple[int, float, float]]:
@@ -176,7 +189,8 @@ def summarize_run(args, trainer, result, has_val: bool) -> dict[str, Any]:
     best = max(1, math.ceil(best_at - 1e-6)) if evaluations else None
     plot_loss_curve(run_folder.path(args.output_dir, run_folder.LOSS_CURVE), history,
                     f"{os.path.basename(os.path.normpath(args.output_dir))}: loss per epoch")
-    epochs_run = max(train_losses) if train_losses else 0
+    # Epochs begun: early stopping after an --eval_steps evaluation may end a run mid-epoch.
+    epochs_run = max(1, math.ceil(trainer.state.epoch - 1e-6)) if trainer.state.epoch else 0
     outcome = {
         "epochs_run": epochs_run,
         # Early stopping may also stop mid-epoch (--eval_steps): compare steps, not epochs.

@@ -61,3 +61,18 @@ def tiny_model(tmp_path_factory) -> str:
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe",
                            corpus=[str(REPO_ROOT / "example_movie_review_data.json")], vocab_size=1000,
                            hidden_size=64, num_layers=2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) on machines without it, such as CI."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: python -m pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

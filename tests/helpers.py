@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from review_lm import fault_tolerance as ft
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "train_distributed_MovieReview.py")
@@ -149,3 +153,63 @@ def run_plan(runtime, quantization=None):
 
     efficiency = ct.plan_efficiency(False, False, runtime.attention, False)
     return plan.RunPlan(runtime, efficiency, quantization, sharding.ShardingPlan("none"), 1, 16)
+
+
+# Long runs as a user starts them: a process that can be watched, signalled and killed.
+def start_train(*args: str, torchrun: int = 0, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                cwd: str | None = None) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                *extra] if torchrun else [sys.executable]
+    # Own session: a failing test can end the launcher and its workers together (finish()).
+    return subprocess.Popen([*launcher, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env or clean_env(), cwd=cwd or str(REPO), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for the run; past ``timeout`` kill it with everything it started, and fail."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        workers = child_pids(proc.pid)  # torchrun's workers run in sessions of their own
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"run still going after {timeout} s: {proc.communicate()[0][-3000:]}") from None
+
+
+def wait_for_checkpoints(proc: subprocess.Popen, out: Path, count: int, timeout: float = 240) -> list[str]:
+    """Block until ``count`` complete checkpoints exist in ``out`` (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [c for c in ft.checkpoints_newest_first(str(out)) if ft.checkpoint_problem(c) is None]
+        if len(done) >= count:
+            return done
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    finish(proc, timeout=0.1)
+    raise AssertionError(f"no {count} complete checkpoints in {out} after {timeout} s")
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
+def worker_pid(agent_pid: int, local_rank: int) -> int:
+    for pid in child_pids(agent_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under {agent_pid}")

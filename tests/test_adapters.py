@@ -208,6 +208,32 @@ def test_wrap_model_trains_only_the_adapters_and_records_the_base(tiny_model):
     assert adapters.wrap_model("as loaded", args_for(), "x", False) == "as loaded"  # full: untouched
 
 
+def test_plain_lora_with_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_model):
+    """Frozen embeddings give checkpointed blocks inputs without grad: the adapters must still get gradients,
+    equal to those without checkpointing (the same update)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    args = args_for("--finetuning_type", "lora", "--lora_rank", "4", "--gradient_checkpointing")
+    ids = torch.arange(3, 40).unsqueeze(0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = adapters.wrap_model(AutoModelForCausalLM.from_pretrained(tiny_model), args, "base", quantized=False,
+                                    gradient_checkpointing=checkpointing)
+        for name, p in model.named_parameters():  # lora_B starts at zero: move it so lora_A gets gradients too
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().sum() > 0 for g in grads[1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad flags through the script: one line, nothing written
 # --------------------------------------------------------------------------------------------------------------

@@ -192,9 +192,34 @@ def test_completion_only_loss_in_evaluation_equals_full_logits(tmp_path, tokeniz
     model = tiny_model(tokenizer)
     collator = ct.make_data_collator(tokenizer, packing=False)
     args = training_args(tmp_path, per_device_eval_batch_size=2)
-    plain = Trainer(model=model, args=args, eval_dataset=samples, data_collator=collator)
+    full = ct.CompletionTrainer(model=model, args=args, eval_dataset=samples, data_collator=collator,
+                                completion_only_logits=False)
     ours = ct.CompletionTrainer(model=model, args=args, eval_dataset=samples, data_collator=collator)
-    assert ours.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-5)
+    assert ours.evaluate()["eval_loss"] == pytest.approx(full.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_eval_loss_is_the_token_weighted_mean_over_the_split_packed_or_not(tmp_path, tokenizer, samples):
+    """Trainer weights each batch's mean by its row count (1 for a packed row): not the split's mean."""
+    model = tiny_model(tokenizer).eval()
+    token_losses = []
+    with torch.no_grad():  # the plain computation: every sample alone, every labelled token's loss
+        for s in samples:
+            logits = model(input_ids=torch.tensor([s["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(s["labels"][1:])
+            kept = labels != -100
+            token_losses.append(torch.nn.functional.cross_entropy(logits[kept], labels[kept], reduction="none"))
+    expected = torch.cat(token_losses).mean().item()
+    results = {}
+    for packing in (True, False):
+        for batch in (2, 3):
+            args = training_args(tmp_path, per_device_eval_batch_size=batch)
+            trainer = ct.CompletionTrainer(model=model, args=args, eval_dataset=samples,
+                                           data_collator=ct.make_data_collator(tokenizer, packing=packing))
+            results[packing, batch] = trainer.evaluate()["eval_loss"]
+    assert results == pytest.approx(dict.fromkeys(results, expected), rel=1e-5)
+    plain = Trainer(model=model, args=training_args(tmp_path, per_device_eval_batch_size=3), eval_dataset=samples,
+                    data_collator=ct.make_data_collator(tokenizer, packing=True))
+    assert plain.evaluate()["eval_loss"] != pytest.approx(expected, rel=1e-5)  # the defect this replaces
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1051,3 +1051,12 @@ def test_time_range_matches_a_stable_sort(tmp_path):
     assert data_report._time_range(samples) == [by_sort[0].target.timestamp, by_sort[-1].target.timestamp] \
         == ["2015-01-01 00:00", "2015-01-02T00:00"]
     assert data_report._time_range(list(reversed(samples))) == ["2015-01-01", "2015-01-02"]
+
+
+@pytest.mark.parametrize(("use_profile", "use_history"), [(True, True), (False, True), (True, False)])
+def test_render_with_the_users_history_lines_is_the_same_text(example_splits, use_profile, use_history):
+    builder = dl.PromptBuilder(use_profile, use_history)
+    for s in all_samples(example_splits):
+        lines = builder.history_lines(s.user)
+        for count in {None, 0, 1, s.position // 2, s.position}:
+            assert builder.render(s, count, lines) == builder.render(s, count)

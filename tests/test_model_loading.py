@@ -171,3 +171,14 @@ def test_evaluation_runs_on_an_adapter_dir(adapter_dir, tmp_path, capsys):
     assert ev.main(["--model_dir", str(run), "--max_new_tokens", "3", "--no_progress"]) == 0
     assert "loaded LoRA adapter on base model" in capsys.readouterr().err
     assert json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))["generation"]["device"] == "cpu"
+
+
+def test_hub_probe_uses_the_endpoints_own_port_or_its_schemes():
+    assert ml.hub_port("https://huggingface.co") == 443
+    assert ml.hub_port("http://mirror.local") == 80  # was probed on 443, so a plain-http mirror looked offline
+    assert ml.hub_port("http://mirror.local:8080/hf") == 8080
+
+
+def test_one_line_never_fails_on_an_empty_message():
+    assert ml.one_line(OSError()) == "OSError"  # str(err).splitlines()[0] raised IndexError here
+    assert ml.one_line(ValueError("first\n  second")) == "first second"

@@ -245,12 +245,15 @@ def test_lock_creates_only_the_folder_and_lock_file_records_the_holder_and_relea
         assert holder == lock.holder
         assert holder["pid"] == os.getpid() and holder["run_id"] == "r1" and holder["restart"] == 0
         assert holder["marker_at_start"] is None and holder["host"]
-    assert not lock.held and rg.lock_holder(str(out)) is None  # emptied, not deleted
-    assert os.listdir(out) == [rf.LOCK_FILE]
+    assert not lock.held and rg.lock_holder(str(out)) is None
+    assert not out.exists()  # the lock made the folder and nothing else was written: left as it was found
     lock.release()  # idempotent
+    out.mkdir(parents=True)
+    (out / "mine.txt").write_text("x")
     logs = []
     rg.RunLock(str(out), "r2", log=logs.append).acquire().release()
     assert logs == []  # a cleanly released lock is not "dead"
+    assert os.listdir(out) == ["mine.txt"]  # the lock file it made is gone again, the folder stays
 
 
 def test_lock_refuses_a_file_as_output_dir(tmp_path):

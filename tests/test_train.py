@@ -322,7 +322,8 @@ def test_overwrite_output_dir_clears_previous_run(tmp_path, tiny_model):
     code = tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
                     "--report_to", "none", "--preview_only", "--overwrite_output_dir"])
     assert code == 0
-    assert sorted(os.listdir(out)) == ["notes.txt", "test_samples.json", "training_samples_preview.txt"]
+    assert sorted(os.listdir(out)) == [".launch.json", ".run.lock", "notes.txt", "run_fingerprint.json",
+                                       "test_histories.json", "test_samples.json", "training_samples_preview.txt"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -552,3 +553,26 @@ def test_missing_model_folder_is_one_line(tmp_path):
                                     "--model_path", str(tmp_path / "no-model")))
     assert "no such local folder" in line
     assert not out.exists()
+
+
+def test_epochs_run_counts_an_epoch_that_early_stopping_ended_midway():
+    from types import SimpleNamespace
+
+    history = [{"loss": 2.0, "epoch": 1.0, "step": 4}, {"eval_loss": 1.5, "epoch": 1.0, "step": 4},
+               {"loss": 1.8, "epoch": 1.5, "step": 6}, {"eval_loss": 1.6, "epoch": 1.5, "step": 6}]
+    state = SimpleNamespace(log_history=history, epoch=1.5, global_step=6, max_steps=40,
+                            best_model_checkpoint="run/checkpoint-4")
+    trainer = SimpleNamespace(state=state)
+    args = SimpleNamespace(output_dir="/nonexistent/run", eval_steps=2, save_steps=0)
+    import unittest.mock
+
+    with unittest.mock.patch.object(run_report, "plot_loss_curve"):
+        outcome = run_report.summarize_run(args, trainer, SimpleNamespace(metrics={}), has_val=True)
+    assert outcome["epochs_run"] == 2 and outcome["stopped_early"]  # it trained into epoch 2 (was: 1)
+
+
+def test_epoch_train_loss_is_the_step_weighted_mean_of_its_logged_windows():
+    history = [{"loss": 4.0, "epoch": 0.25, "step": 1}, {"loss": 2.0, "epoch": 1.0, "step": 4},
+               {"eval_loss": 1.0, "epoch": 1.0, "step": 4}, {"loss": 1.0, "epoch": 2.0, "step": 8}]
+    train, evaluation = run_report.epoch_losses(history)
+    assert train == {1: pytest.approx((4.0 * 1 + 2.0 * 3) / 4), 2: 1.0} and evaluation == {1: 1.0}
