@@ -322,8 +322,8 @@ def test_overwrite_output_dir_clears_previous_run(tmp_path, tiny_model):
     code = tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model,
                     "--report_to", "none", "--preview_only", "--overwrite_output_dir"])
     assert code == 0
-    assert sorted(os.listdir(out)) == [".launch.json", ".run.lock", "notes.txt", "run_fingerprint.json",
-                                       "test_histories.json", "test_samples.json", "training_samples_preview.txt"]
+    assert sorted(os.listdir(out)) == [".launch.json", "notes.txt", "run_fingerprint.json", "test_histories.json",
+                                       "test_samples.json", "training_samples_preview.txt"]
 
 
 # --------------------------------------------------------------------------------------------------------------

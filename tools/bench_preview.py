@@ -1,4 +1,4 @@
-"""Benchmark: ``--preview_only`` on many users - time, peak memory and the size of the test-set files, for this
+"""Benchmark: ``--preview_only`` on many users - time and the size of the test-set files, for this
 checkout and for an earlier commit, side by side in one run (each run in a fresh process).
 
     python tools/bench_preview.py --users 10000 --reviews 100            # 1M reviews
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,6 @@ def write_data(path: str, users: int, reviews: int) -> None:
 def run_preview(repo: str, data: str, model: str, out: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run([sys.executable, os.path.join(repo, "train_distributed_MovieReview.py"), "--data_file", data,
                            "--output_dir", out, "--model_path", model, "--preview_only", "--report_to", "none"],
                           capture_output=True, text=True, env=env, cwd=repo)
@@ -45,8 +43,7 @@ def run_preview(repo: str, data: str, model: str, out: str) -> dict:
         raise SystemExit(f"{repo}: preview failed: {proc.stderr[-2000:]}")
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in ("test_samples.json", "test_histories.json")
              if os.path.exists(os.path.join(out, name))}
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
-    return {"seconds": seconds, "sizes": sizes, "peak_rss_gib": peak}
+    return {"seconds": seconds, "sizes": sizes}
 
 
 def main() -> int:
@@ -75,11 +72,11 @@ def main() -> int:
             if args.old_ref:
                 subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", old], capture_output=True)
     print(f"--preview_only on {args.users} users x {args.reviews} reviews ({args.users * args.reviews:,} reviews)")
-    print("| run | time | peak RSS (all children) | test_samples.json | test_histories.json | total |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| run | time | test_samples.json | test_histories.json | total |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
         samples, histories = r["sizes"].get("test_samples.json", 0), r["sizes"].get("test_histories.json", 0)
-        print(f"| {name} | {r['seconds']:.1f} s | {r['peak_rss_gib']:.2f} GiB | {samples / 2**20:,.0f} MiB | "
+        print(f"| {name} | {r['seconds']:.1f} s | {samples / 2**20:,.0f} MiB | "
               f"{histories / 2**20:,.0f} MiB | {(samples + histories) / 2**20:,.0f} MiB |")
     if len(results) == 2:
         new, old = results.values()
