@@ -66,8 +66,9 @@ def format_summary_rows(facts: dict[str, Any]) -> list[str]:
     if not facts:
         return []
     template = facts.get("chat_template", "none")
-    if facts.get("chat_template_source") and template != "none":
-        template += f" ({facts['chat_template_source']})"
+    source = facts.get("chat_template_source")
+    if source and template != "none":
+        template = source if source.startswith(template) else f"{template} ({source})"
     unit = "windows" if facts.get("prompt_format") == "conversation" else "samples"
     return [
         f"format      {facts.get('prompt_format', 'spec')}; chat template {template}",
