@@ -420,6 +420,22 @@ class PromptBuilder:
         """Every review of ``user`` as its history line (no newline), for :meth:`render`'s ``lines``."""
         return [history_line(r) for r in user.reviews]
 
+    # -- the conversation format (--prompt_format conversation): the same texts as chat turns ---------------------
+    # review_lm.chat_format frames them (system turn, user turns, assistant answers); no trailing newlines, the
+    # framing supplies the line breaks.
+    def system_text(self, user: UserHistory) -> str:
+        """The system turn: "用户: NAME\n任务: DESC" (profile on) or "任务: DESC" (--no_profile)."""
+        return self.header(user).rstrip("\n")
+
+    @staticmethod
+    def request_text(movie: str) -> str:
+        """A user turn: "请为电影《MOVIE》写一条影评：" (the spec's request line without its newline)."""
+        return PromptBuilder.request(movie).rstrip("\n")
+
+    def turns(self, reviews: Sequence[Review]) -> list[tuple[str, str]]:
+        """(request text, review text) per review, in the given (chronological) order."""
+        return [(self.request_text(r.movie), r.text) for r in reviews]
+
     def kept_history(self, sample: Sample, history_count: int | None = None) -> list[Review]:
         if not self.use_history:
             return []
@@ -486,6 +502,28 @@ def preview_text(encoded: Sequence, total: int) -> str:
             f"tokens: prompt {enc.prompt_length} + target {target_tokens} (含 EOS) = {len(enc.input_ids)}"
             f"; 历史 {enc.history_count}/{len(s.history)} 条" + ("; target 已截断" if enc.target_truncated else "")
             + f"\n----- 输入 (prompt) -----\n{enc.prompt}----- 输出 (target, 计算 loss) -----\n{s.target.text}\n"
+        )
+    return "\n".join(blocks)
+
+
+LOSS_OPEN, LOSS_CLOSE = "【loss▶", "◀loss】"  # marks of the labelled spans in a conversation preview
+
+
+def conversation_preview_text(windows: Sequence, total: int) -> str:
+    """training_samples_preview.txt for --prompt_format conversation: the first training sequences (windows of
+    a user's conversation) as the model sees them, decoded from their ids, every labelled span (review +
+    end-of-turn, the loss) between LOSS_OPEN and LOSS_CLOSE. ``windows``: objects with ``user``, ``turns``
+    (start, end), ``reviews`` (labelled), ``length``, ``labelled_tokens``, ``truncated``, ``segments``
+    ((text, labelled) runs)."""
+    blocks = []
+    for i, w in enumerate(windows, 1):
+        body = "".join(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if labelled else text for text, labelled in w.segments)
+        blocks.append(
+            f"===== 训练序列 {i}/{total}: {w.user.name} · 第 {w.turns[0] + 1}-{w.turns[1]} 条影评"
+            f" (共 {len(w.user.reviews)} 条) =====\n"
+            f"tokens: {w.length} (其中计算 loss {w.labelled_tokens}); 计算 loss 的影评 {w.reviews} 条"
+            + ("; 影评已截断" if w.truncated else "")
+            + f"\n----- 对话 ({LOSS_OPEN} … {LOSS_CLOSE} 之间计算 loss) -----\n{body}\n"
         )
     return "\n".join(blocks)
 

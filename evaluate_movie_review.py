@@ -146,10 +146,16 @@ def evaluate(args: argparse.Namespace) -> int:
     if baselines is None:
         print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
+    record = None
     if not args.baselines_only and given is None:
+        # The run's format decides the stop tokens (a conversation's reviews end with the end-of-turn token);
+        # its test prompts are already in that format (test_samples.json), fed as their text's ids.
+        record = run_folder.read_run_record(args.model_dir) if os.path.isfile(
+            os.path.join(args.model_dir, run_folder.RUN_RECORD)) else None
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
-                                      args.trust_remote_code, args.base_model)
+                                      args.trust_remote_code, args.base_model,
+                                      record.chat_template if record else "none")
         generated = generate_predictions(args.model_dir, [s["prompt"] for s in test.samples], settings,
                                          progress=not args.no_progress)
     outputs = generated.texts if generated is not None else given
@@ -178,7 +184,10 @@ def evaluate(args: argparse.Namespace) -> int:
         "generation": None if generated is None else {
             **generated.info,
             "outputs_hitting_max_new_tokens": sum(generated.hit_limit),
-            "decoding": "new tokens up to the first EOS, tokenizer.decode(skip_special_tokens=True).strip()",
+            "decoding": "new tokens up to the first stop token (generation_config.eos_token_id: EOS, and the "
+                        "end-of-turn for chat-formatted runs), tokenizer.decode(skip_special_tokens=True).strip()",
+            "prompt_format": record.prompt_format if record else "spec",
+            "chat_template": settings.chat_template,
         },
         "baseline_settings": {
             "last": "the user's most recent review before the target (earlier reviews[-1]); '' if none",

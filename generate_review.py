@@ -5,7 +5,8 @@
 
 The prompt is the one training used (``review_lm.dataset.encode_new_review``): the run's own settings
 from its ``training_config.json`` (``review_lm.run_folder.read_run_record``: profile/history ablation,
-``--max_length``) and the user's whole history,
+``--max_length``, ``--prompt_format`` and the chat template; a conversation run's prompt is the conversation of
+the user's turns + the new request, and a review also stops at the end-of-turn token) and the user's whole history,
 i.e. every review of theirs in the training data file (or ``--data_file``), oldest first, the newest kept when
 the token budget binds (room is kept for ``--max_new_tokens``). A film the user already reviewed is allowed:
 the history is what they wrote before now.
@@ -31,7 +32,7 @@ from typing import Any, TextIO
 
 import data_loader_movie_review as dl
 from review_lm import model_loading
-from review_lm.generation import GenerationSettings, Written, generate_one, generation_config_kwargs
+from review_lm.generation import GenerationSettings, Written, generate_one, generation_config_kwargs, stop_token_ids
 from review_lm.run_folder import RunRecord, read_run_record
 from review_lm.utils import ArgumentParser, UsageError, check_range
 
@@ -151,7 +152,7 @@ def earlier_review_of(user: dl.UserHistory, movie: str) -> dl.Review | None:
 class ReviewWriter:
     """The loaded model and the decoding settings; writes one review per call."""
 
-    def __init__(self, loaded, args: argparse.Namespace):
+    def __init__(self, loaded, args: argparse.Namespace, run: RunRecord):
         from transformers import GenerationConfig
 
         self.loaded, self.args = loaded, args
@@ -159,7 +160,9 @@ class ReviewWriter:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1, do_sample=not args.greedy,
                                       temperature=args.temperature, top_p=args.top_p, top_k=0)
         # evaluate's rule: every field that decides the output is set, none comes from the model's own config.
-        self.gen_kwargs = generation_config_kwargs(settings, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        # The run's chat format (if any) ends a review with its end-of-turn token as well as EOS.
+        self.gen_kwargs = generation_config_kwargs(settings, stop_token_ids(tokenizer, run.chat_template),
+                                                   tokenizer.pad_token_id)
         self.gen_config = GenerationConfig(**self.gen_kwargs)
         # Without --seed draw one, so that every sampled review can be reproduced from its recorded seed.
         self.base_seed = None if args.greedy else (args.seed if args.seed is not None
@@ -176,7 +179,8 @@ class ReviewWriter:
         return {
             "model_dir": os.path.abspath(a.model_dir), "model_kind": self.loaded.kind,
             "base_model": self.loaded.base_model, "use_profile": run.use_profile, "use_history": run.use_history,
-            "max_length": run.max_length, "max_new_tokens": a.max_new_tokens, "do_sample": not a.greedy,
+            "max_length": run.max_length, "prompt_format": run.prompt_format, "chat_template": run.chat_template,
+            "max_new_tokens": a.max_new_tokens, "do_sample": not a.greedy,
             "temperature": None if a.greedy else a.temperature, "top_p": None if a.greedy else a.top_p,
             "seed": seed, "device": self.loaded.device, "dtype": self.loaded.dtype,
         }
@@ -195,7 +199,8 @@ def review_film(writer: ReviewWriter, run: RunRecord, user: dl.UserHistory, movi
               "history and a new one is written", file=sys.stderr)
     from review_lm.dataset import encode_new_review  # torch: after the model has loaded
 
-    enc = encode_new_review(writer.loaded.tokenizer, user, movie, run.builder, run.max_length, args.max_new_tokens)
+    enc = encode_new_review(writer.loaded.tokenizer, user, movie, run.builder, run.max_length, args.max_new_tokens,
+                            run.prompt_format, run.chat_template)
     prompt_ids = enc.input_ids[:enc.prompt_length]
     history = f"历史 {enc.history_count}/{len(user.reviews)} 条" if run.use_history else "无历史"
     stream = not args.json and stdout_is_terminal()
@@ -265,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = model_loading.load_model_and_tokenizer(args.model_dir, args.device, args.dtype,
                                                     args.trust_remote_code, args.base_model)
     print(f"{loaded.summary}; user {user.name} ({len(user.reviews)} reviews)", file=sys.stderr)
-    writer = ReviewWriter(loaded, args)
+    writer = ReviewWriter(loaded, args, settings)
     for movie in movies:
         review_film(writer, settings, user, movie)
     if args.interactive:

@@ -31,7 +31,16 @@ import data_loader_movie_review as dl
 from review_lm import adapters, disk_space, progress, run_folder, run_guard, run_report, sharding, tracking
 from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
-from review_lm.plan import RunPlan, plan_hardware, probe_hardware, validate_arguments
+from review_lm.chat_format import ChatFormatError
+from review_lm.plan import (
+    CHAT_TEMPLATE_FLAGS,
+    PROMPT_FORMATS,
+    RunPlan,
+    plan_hardware,
+    probe_hardware,
+    resolve_chat_template,
+    validate_arguments,
+)
 from review_lm.precision import PRECISIONS
 from review_lm.utils import ArgumentParser, UsageError, write_text_atomic
 
@@ -64,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--output_dir", required=True, help="where the model and run files are written")
     model.add_argument("--max_length", type=int, default=4096, help="max tokens per sample (history is trimmed)")
     model.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the model repo")
+    model.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="spec",
+                       help="spec: one sample per review repeating the whole earlier history (the spec's prompt); "
+                            "conversation: one sequence per user, every review an assistant turn (O(N) tokens)")
+    model.add_argument("--chat_template", choices=CHAT_TEMPLATE_FLAGS, default=None,
+                       help="auto: the tokenizer's own chat template when it has one (Instruct models); none: the "
+                            "built-in ChatML layout (conversation) / the plain spec prompt (spec). Default: none "
+                            "for spec, auto for conversation")
 
     train = p.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=2, help="per-device batch size")
@@ -189,8 +205,14 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     source, local_only = ml.resolve_model_source(args.model_path, os.environ,
                                                  f"--model_path {args.model_path}: no such local folder")
     tokenizer = ml.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
-    prepared = rd.prepare_data(data, splits, tokenizer, args.max_length, dl.PromptBuilder(args.use_profile,
-                                                                                          args.use_history))
+    template = resolve_chat_template(args.prompt_format, args.chat_template, bool(tokenizer.chat_template))
+    try:
+        prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
+                                   dl.PromptBuilder(args.use_profile, args.use_history), args.prompt_format, template)
+    except ChatFormatError as err:
+        raise UsageError(f"--chat_template: {err}") from None
+    # Optimizer steps count sequences: a conversation run's are its windows, known once tokenized.
+    plan = plan.with_data(args, prepared.size("train"), bool(splits["val"]))
     if rank != 0:  # only rank 0 writes text files (preview, test samples, record): the others keep the arrays
         del data, splits
         prepared.release_texts()
@@ -229,7 +251,8 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     if trainer.is_world_process_zero():
         outcome = run_report.summarize_run(args, trainer, result, plan.has_val)
         record = run_folder.run_record(args, prepared.data, prepared.splits, {
-            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts}, outcome,
+            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts,
+            **prepared.format_facts(), "epoch": prepared.epoch_facts(plan.steps_per_epoch)}, outcome,
             run_guard.fingerprint_digest(start.fingerprint))
         run_folder.write_run_record(args.output_dir, record)
         removed, freed = run_folder.remove_checkpoints(args.output_dir, args.keep_checkpoints,
@@ -266,12 +289,12 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
             logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
         run_guard.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
     os.makedirs(args.output_dir, exist_ok=True)
-    logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts))
+    logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts,
+                                         {**prepared.format_facts(), **prepared.epoch_facts(plan.steps_per_epoch)}))
     for warning in run_report.start_warnings(args, plan, prepared):
         logger.warning(warning)
-    train = prepared.encoded("train")
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
-                      dl.preview_text(train[:PREVIEW_SAMPLES], len(train)))
+                      prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
     out = args.output_dir
     run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
                                   rd.prompt_records(prepared.datasets["test"]))

@@ -55,6 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 import data_loader_movie_review as dl
+from review_lm import chat_format as cf
 
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
 PROMPT_CHECK_SAMPLES = 32  # training prompts re-tokenized as text to check they match the assembled ids
@@ -71,11 +72,12 @@ class EncodedSample:
     history_count: int  # history items kept in the prompt
     target_truncated: bool
     builder: dl.PromptBuilder = field(default=dl.PromptBuilder(), repr=False)  # the builder the ids came from
+    framing: tuple[str, str] = ("", "")  # chat-template text around the spec prompt (--chat_template auto)
 
     @property
     def prompt(self) -> str:
-        """The rendered prompt these ids came from (same history items)."""
-        return self.builder.render(self.sample, self.history_count)
+        """The rendered prompt these ids came from (same history items), in its chat framing if any."""
+        return self.framing[0] + self.builder.render(self.sample, self.history_count) + self.framing[1]
 
     def as_features(self) -> dict[str, list[int]]:
         return {"input_ids": self.input_ids, "attention_mask": [1] * len(self.input_ids), "labels": self.labels}
@@ -207,9 +209,14 @@ class ReviewDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[dl.Sample], tokens: ReviewTokens, eos_token_id: int,
-                 max_length: int | None):
+                 max_length: int | None, fmt: cf.ChatFormat | None = None):
         self.samples: list[dl.Sample] | None = samples  # None after release_texts()
-        self.tokens, self.eos, self.max_length = tokens, eos_token_id, max_length
+        # fmt: the spec prompt as one user turn of a chat template, the target closed by its end-of-turn.
+        self.tokens, self.max_length = tokens, max_length
+        self.eos = fmt.end_of_turn_id if fmt is not None else eos_token_id
+        self.prefix, self.suffix = fmt.spec_framing() if fmt is not None else ([], [])
+        layout = fmt.layout if fmt is not None else None
+        self.framing = (layout.system_piece(None) + layout.user_prefix, layout.user_suffix) if layout else ("", "")
         rows = np.fromiter((tokens.row_of[s.user.index] for s in samples), dtype=np.int64, count=len(samples))
         positions = np.fromiter((s.position for s in samples), dtype=np.int64, count=len(samples))
         self.row = rows.astype(np.int32)  # user row of each sample (its header piece)
@@ -219,7 +226,7 @@ class ReviewDataset(torch.utils.data.Dataset):
     # -- planning: all samples at once ---------------------------------------------------------------------
     def _plan(self, samples: list[dl.Sample], rows: np.ndarray, positions: np.ndarray) -> None:
         t, g, lens = self.tokens, self.review, self.tokens.piece_lengths
-        base = lens[t.header[rows]].astype(np.int64) + lens[t.request[g]]
+        base = lens[t.header[rows]].astype(np.int64) + lens[t.request[g]] + len(self.prefix) + len(self.suffix)
         target = lens[t.target[g]].astype(np.int64)
         if self.max_length is not None:
             over = base + target + 1 > self.max_length
@@ -285,6 +292,9 @@ class ReviewDataset(torch.utils.data.Dataset):
         ends = np.cumsum(lengths)
         index = np.arange(ends[-1]) + np.repeat(store.offsets[pieces] - (ends - lengths), lengths)
         ids = store.tokens[index].tolist()
+        if self.prefix or self.suffix:  # chat framing: prefix + prompt + suffix + target
+            core = int(self.prompt_length[i]) - len(self.prefix) - len(self.suffix)
+            ids = self.prefix + ids[:core] + self.suffix + ids[core:]
         ids.append(self.eos)
         return ids
 
@@ -306,7 +316,7 @@ class ReviewDataset(torch.utils.data.Dataset):
         item = self[i]
         i = i % len(self)
         return EncodedSample(self.samples[i], item["input_ids"], item["labels"], int(self.prompt_length[i]),
-                                int(self.history_count[i]), bool(self.truncated[i]), self.tokens.builder)
+                             int(self.history_count[i]), bool(self.truncated[i]), self.tokens.builder, self.framing)
 
     def encoded_samples(self) -> EncodedView:
         return EncodedView(self)
@@ -314,6 +324,17 @@ class ReviewDataset(torch.utils.data.Dataset):
     def release_texts(self) -> None:
         """Forget the Sample objects (and through them the review texts): training needs only the arrays."""
         self.samples = None
+
+    @property
+    def num_reviews(self) -> int:
+        return len(self)
+
+    def labelled_tokens(self) -> int:
+        """Labelled tokens of one epoch: every target (as cut to fit) + its EOS / end-of-turn."""
+        return int(self.target_length.astype(np.int64).sum()) + len(self)
+
+    def preview_text(self, count: int) -> str:
+        return dl.preview_text(self.encoded_samples()[:count], len(self))
 
     @property
     def truncated(self) -> np.ndarray:
@@ -348,19 +369,39 @@ class EncodedView(Sequence):
         return (self.dataset.encoded(j) for j in range(len(self)))
 
 
+def chat_format_for(tokenizer, chat_template: str) -> cf.ChatFormat | None:
+    """The chat format a run's recorded ``chat_template`` (``plan.RECORDED_TEMPLATES``) names; None: none."""
+    if chat_template == "none":
+        return None
+    if chat_template == "tokenizer":
+        if not tokenizer.chat_template:
+            raise cf.ChatFormatError("the run used the tokenizer's chat template, but this tokenizer has none")
+        return cf.ChatFormat(tokenizer, "auto")
+    if chat_template == "built-in ChatML":
+        return cf.ChatFormat(tokenizer, "none")
+    raise cf.ChatFormatError(f"unknown chat_template {chat_template!r} (tokenizer, built-in ChatML or none)")
+
+
 def build_datasets(splits: dict[str, list[dl.Sample]], tokenizer, max_length: int | None,
-                   builder: dl.PromptBuilder | None = None) -> dict[str, ReviewDataset]:
-    """One :class:`ReviewDataset` per split, sharing one :class:`ReviewTokens` of all users in the splits."""
+                   builder: dl.PromptBuilder | None = None, fmt: cf.ChatFormat | None = None,
+                   prompt_format: str = "spec") -> dict[str, Any]:
+    """One dataset per split. spec: :class:`ReviewDataset` sharing one :class:`ReviewTokens` of all users (with
+    ``fmt``: the spec prompt as one user turn of that chat format); conversation:
+    ``conversation_dataset.ConversationDataset`` windows of one conversation per user (``fmt`` required)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
     builder = builder or dl.PromptBuilder()
+    if prompt_format == "conversation":
+        from review_lm.conversation_dataset import build_conversation_datasets
+
+        return build_conversation_datasets(splits, tokenizer, max_length, builder, fmt)
     users: dict[int, dl.UserHistory] = {}
     for samples in splits.values():
         for s in samples:
             if s.user.index not in users:
                 users[s.user.index] = s.user
     tokens = ReviewTokens(list(users.values()), tokenizer, builder)
-    return {name: ReviewDataset(samples, tokens, tokenizer.eos_token_id, max_length)
+    return {name: ReviewDataset(samples, tokens, tokenizer.eos_token_id, max_length, fmt)
             for name, samples in splits.items()}
 
 
@@ -375,9 +416,13 @@ class PromptRecord:
     target_truncated: bool
 
 
-def prompt_records(dataset: ReviewDataset) -> Iterator[PromptRecord]:
+def prompt_records(dataset) -> Iterator[PromptRecord]:
     """Each sample's :class:`PromptRecord`, in order, without assembling any ids; every user's history lines are
-    folded once for all of their prompts (a user's test samples share almost all of their history)."""
+    folded once for all of their prompts (a user's test samples share almost all of their history). A
+    conversation dataset gives its reviews' generation prompts (``ConversationDataset.prompt_records``)."""
+    if not isinstance(dataset, ReviewDataset):
+        yield from dataset.prompt_records()
+        return
     if dataset.samples is None:
         raise RuntimeError("release_texts() dropped the samples: only input_ids / labels remain")
     builder, lines_of = dataset.tokens.builder, {}
@@ -388,8 +433,8 @@ def prompt_records(dataset: ReviewDataset) -> Iterator[PromptRecord]:
             lines_of.clear()  # samples come user by user: keep one user's lines at a time
             lines = lines_of[s.user.index] = builder.history_lines(s.user)
         count = int(dataset.history_count[i])
-        yield PromptRecord(s, builder.render(s, count, lines), int(dataset.prompt_length[i]), count,
-                           bool(truncated[i]))
+        prompt = dataset.framing[0] + builder.render(s, count, lines) + dataset.framing[1]
+        yield PromptRecord(s, prompt, int(dataset.prompt_length[i]), count, bool(truncated[i]))
 
 
 def prompt_text_mismatches(tokenizer, encoded: Sequence[EncodedSample]) -> int:
@@ -408,10 +453,26 @@ class PreparedData:
 
     data: dl.ReviewData | None  # None after release_texts()
     splits: dict[str, list[dl.Sample]]
-    datasets: dict[str, ReviewDataset]  # compact token pieces; samples assembled when read
+    datasets: dict[str, Any]  # ReviewDataset / ConversationDataset: compact token pieces, assembled when read
     truncated_targets: int
     text_mismatches: int = 0  # prompts whose text tokenizes differently than their assembled ids ...
-    text_checked: int = 0  # ... of the first this many training prompts
+    text_checked: int = 0  # ... of the first this many training and test prompts
+    prompt_format: str = "spec"
+    chat_template: str = "none"  # the template used (plan.RECORDED_TEMPLATES)
+    template_source: str | None = None  # the chat format's layout, in words
+
+    def epoch_facts(self, steps_per_epoch: int) -> dict[str, Any]:
+        """What one training epoch costs: sequences, reviews, tokens, labelled tokens, reviews per step."""
+        train = self.datasets["train"]
+        return {"train_sequences": len(train), "train_reviews": train.num_reviews,
+                "tokens_per_epoch": int(np.asarray(train.lengths, dtype=np.int64).sum()),
+                "labelled_tokens_per_epoch": train.labelled_tokens(),
+                "optimizer_steps_per_epoch": steps_per_epoch,
+                "reviews_per_optimizer_step": round(train.num_reviews / max(1, steps_per_epoch), 2)}
+
+    def format_facts(self) -> dict[str, Any]:
+        return {"prompt_format": self.prompt_format, "chat_template": self.chat_template,
+                "chat_template_source": self.template_source}
 
     def release_texts(self) -> None:
         """Keep only the compact token arrays (ranks that write no text files need nothing else)."""
@@ -428,28 +489,41 @@ class PreparedData:
 
 
 def prepare_data(data: dl.ReviewData, splits: dict[str, list[dl.Sample]], tokenizer, max_length: int | None,
-                 builder: dl.PromptBuilder) -> PreparedData:
+                 builder: dl.PromptBuilder, prompt_format: str = "spec", chat_template: str = "none"
+                 ) -> PreparedData:
     """Token pieces for every split. Every torchrun rank runs this itself (cheap and deterministic; see the
-    module docstring for why not rank 0 + a cache)."""
-    datasets = build_datasets(splits, tokenizer, max_length, builder)
-    train = datasets["train"]
-    checked = [train.encoded(i) for i in range(min(PROMPT_CHECK_SAMPLES, len(train)))]
+    module docstring for why not rank 0 + a cache). ``chat_template``: ``plan.resolve_chat_template``'s."""
+    fmt = chat_format_for(tokenizer, chat_template)
+    datasets = build_datasets(splits, tokenizer, max_length, builder, fmt, prompt_format)
+    checked = []  # evaluation generates from the test prompts' text: their ids must be the assembled ones
+    for name in ("train", "test") if prompt_format == "conversation" or fmt is not None else ("train",):
+        view = datasets[name].encoded_samples()
+        checked += [view[i] for i in range(min(PROMPT_CHECK_SAMPLES, len(view)))]
     return PreparedData(data, splits, datasets, sum(ds.truncated_targets for ds in datasets.values()),
-                        prompt_text_mismatches(tokenizer, checked), len(checked))
+                        prompt_text_mismatches(tokenizer, checked), len(checked), prompt_format, chat_template,
+                        fmt.layout.source if fmt is not None else None)
 
 
 def encode_new_review(tokenizer, user: dl.UserHistory, movie: str, builder: dl.PromptBuilder,
-                      max_length: int | None, max_new_tokens: int) -> EncodedSample:
+                      max_length: int | None, max_new_tokens: int, prompt_format: str = "spec",
+                      chat_template: str = "none"):
     """Prompt text and ids for a new review of ``movie``: ``enc.prompt`` and ``enc.input_ids[:enc.prompt_length]``.
 
     Budget: prompt + ``max_new_tokens`` <= ``max_length`` (the run's --max_length with room kept for the
     review), the most recent history that fits is kept, exactly as in training. The budget holds prompt +
     target + EOS; with an empty target, a budget of ``max_length - max_new_tokens + 1`` leaves the prompt
-    ``max_length - max_new_tokens`` tokens. ``max_length=None``: the whole history.
+    ``max_length - max_new_tokens`` tokens. ``max_length=None``: the whole history. ``prompt_format`` /
+    ``chat_template``: the run's (``run_folder.RunRecord``); a conversation run's prompt is its generation
+    prompt after the user's turns (``conversation_dataset.new_review_prompt``).
     """
+    fmt = chat_format_for(tokenizer, chat_template)
+    if prompt_format == "conversation":
+        from review_lm.conversation_dataset import new_review_prompt
+
+        return new_review_prompt(fmt, user, movie, builder, max_length, max_new_tokens)
     budget = None if max_length is None else max_length - max_new_tokens + 1
     try:
-        datasets = build_datasets({"new": [dl.new_review_sample(user, movie)]}, tokenizer, budget, builder)
+        datasets = build_datasets({"new": [dl.new_review_sample(user, movie)]}, tokenizer, budget, builder, fmt)
     except dl.ReviewDataError:  # the message would name the reduced budget: say it in the user's terms
         raise dl.ReviewDataError(f"--max_length {max_length}", f"leaves no room for the prompt for {movie!r} "
                                  f"(even without history) plus --max_new_tokens {max_new_tokens}",

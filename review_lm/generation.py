@@ -1,7 +1,9 @@
 """Generation shared by evaluation and ``generate_review.py``: decoding settings, batched and single prompts.
 
 Every field that decides the output is set explicitly (:func:`generation_config_kwargs`); prompts are fed as
-the exact training prefix (no special tokens added), and each output is cut at the first EOS.
+the exact training prefix (no special tokens added), and each output is cut at the first stop token: EOS, and
+for chat-formatted runs (``--prompt_format conversation`` or ``--chat_template``) also the end-of-turn token
+(:func:`stop_token_ids`, from the run's recorded ``chat_template``).
 torch / transformers are imported inside the functions.
 """
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from review_lm.model_loading import LoadedModel, load_model_and_tokenizer
+from review_lm.utils import UsageError
 
 
 @dataclass
@@ -28,6 +31,7 @@ class GenerationSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     base_model: str | None = None  # overrides a LoRA adapter's recorded base model
+    chat_template: str = "none"  # the run's recorded template (run_folder.RunRecord): decides the stop tokens
 
 
 @dataclass
@@ -38,7 +42,20 @@ class Generated:
     info: dict[str, Any]  # resolved device / dtype / generation config, for metrics.json
 
 
-def generation_config_kwargs(settings: GenerationSettings, eos_id: int, pad_id: int) -> dict[str, Any]:
+def stop_token_ids(tokenizer, chat_template: str = "none") -> list[int]:
+    """What ends a review: the chat format's end-of-turn and EOS (``chat_format.ChatFormat.stop_token_ids``), or
+    EOS alone for the plain spec prompt."""
+    from review_lm.chat_format import ChatFormatError
+    from review_lm.dataset import chat_format_for
+
+    try:
+        fmt = chat_format_for(tokenizer, chat_template)
+    except ChatFormatError as err:  # e.g. the model folder's tokenizer lost the template training used
+        raise UsageError(f"the model's tokenizer: {err}") from None
+    return list(fmt.stop_token_ids) if fmt is not None else [tokenizer.eos_token_id]
+
+
+def generation_config_kwargs(settings: GenerationSettings, eos_id: int | list[int], pad_id: int) -> dict[str, Any]:
     """Everything that decides the output is set explicitly: a field left unset would be filled from the
     model's own generation_config.json (a chat model's may turn sampling or a repetition penalty on)."""
     kwargs: dict[str, Any] = {
@@ -51,12 +68,12 @@ def generation_config_kwargs(settings: GenerationSettings, eos_id: int, pad_id: 
     return kwargs
 
 
-def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
-    """New token ids up to (not including) the first EOS, and whether EOS was never reached."""
-    ids = list(ids)
-    if eos_id in ids:
-        return ids[:ids.index(eos_id)], False
-    return ids, True
+def split_at_eos(ids: Sequence[int], eos_id: int | Sequence[int]) -> tuple[list[int], bool]:
+    """New token ids up to (not including) the first stop token (EOS or any of a list), and whether none was
+    reached."""
+    ids, stops = list(ids), {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    return (ids, True) if cut is None else (ids[:cut], False)
 
 
 def generate_predictions(model_dir: str, prompts: Sequence[str], settings: GenerationSettings,
@@ -70,7 +87,7 @@ def generate_predictions(model_dir: str, prompts: Sequence[str], settings: Gener
                                       settings.base_model)
     print(loaded.summary, file=sys.stderr)
     model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos_id, pad_id = stop_token_ids(tokenizer, settings.chat_template), tokenizer.pad_token_id
     gen_kwargs = generation_config_kwargs(settings, eos_id, pad_id)
     gen_config = GenerationConfig(**gen_kwargs)
     set_seed(settings.seed)  # only matters when sampling; makes --do_sample runs repeatable
@@ -133,5 +150,5 @@ def generate_one(loaded: LoadedModel, prompt_ids: list[int], gen_config, seed: i
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              generation_config=gen_config, streamer=streamer)
-    kept, cut = split_at_eos(out[0, len(prompt_ids):].tolist(), tokenizer.eos_token_id)
+    kept, cut = split_at_eos(out[0, len(prompt_ids):].tolist(), gen_config.eos_token_id)
     return Written(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), cut, seed)

@@ -28,7 +28,39 @@ from review_lm import completion_training as ct
 from review_lm import fault_tolerance as ft
 from review_lm.precision import PrecisionPlan, optimi_importable, plan_precision
 from review_lm.progress import logging_cadence
-from review_lm.utils import check_range, importable
+from review_lm.utils import UsageError, check_range, importable
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompt format and chat template
+# --------------------------------------------------------------------------------------------------------------
+PROMPT_FORMATS = ("spec", "conversation")  # --prompt_format
+CHAT_TEMPLATE_FLAGS = ("auto", "none")  # --chat_template (default: none for spec, auto for conversation)
+# What a run records as "chat_template" (the template actually used) and downstream scripts read back:
+TEMPLATE_TOKENIZER = "tokenizer"  # the tokenizer's own chat template (an Instruct model's)
+TEMPLATE_BUILTIN = "built-in ChatML"  # review_lm.chat_format's ChatML layout (base models)
+TEMPLATE_NONE = "none"  # the spec's plain prompt, no chat framing
+RECORDED_TEMPLATES = (TEMPLATE_TOKENIZER, TEMPLATE_BUILTIN, TEMPLATE_NONE)
+
+
+def default_chat_template(prompt_format: str) -> str:
+    """spec: none (the spec's prompt, byte for byte); conversation: auto (an Instruct model's own template)."""
+    return "auto" if prompt_format == "conversation" else "none"
+
+
+def resolve_chat_template(prompt_format: str, requested: str | None, tokenizer_has_template: bool) -> str:
+    """The template a run uses (one of RECORDED_TEMPLATES).
+
+    * conversation: ``auto`` = the tokenizer's template when it has one, else the built-in ChatML layout;
+      ``none`` = the built-in ChatML layout (a conversation always needs turns).
+    * spec: ``none`` = the spec's plain prompt; ``auto`` = the prompt as ONE user turn of the tokenizer's
+      template (Instruct models), the plain prompt when the tokenizer has none (a base model reads plain text).
+    """
+    mode = requested or default_chat_template(prompt_format)
+    if mode not in CHAT_TEMPLATE_FLAGS:
+        raise UsageError(f"--chat_template must be one of {', '.join(CHAT_TEMPLATE_FLAGS)}, got {mode!r}")
+    if mode == "auto" and tokenizer_has_template:
+        return TEMPLATE_TOKENIZER
+    return TEMPLATE_BUILTIN if prompt_format == "conversation" else TEMPLATE_NONE
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -41,6 +73,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for name in ("warmup_steps", "logging_steps", "save_steps", "eval_steps"):  # 0: the default cadence
         check_range(name, getattr(args, name), 0)
     check_range("learning_rate", args.learning_rate, 0, inclusive=False)
+    prompt_format = getattr(args, "prompt_format", "spec")
+    if prompt_format not in PROMPT_FORMATS:
+        raise UsageError(f"--prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    resolve_chat_template(prompt_format, getattr(args, "chat_template", None), False)  # the value's check
     dl.check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
     adapters.check_flags(args)
     sharding.check_combinations(args.fsdp, args.deepspeed, args.quantization_bit)

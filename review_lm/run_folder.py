@@ -241,6 +241,8 @@ class RunRecord:
     recorded_abs_files: list[str]  # the absolute paths the trainer recorded, if any
     arguments: dict[str, Any] = field(repr=False)
     raw: dict[str, Any] = field(repr=False)
+    prompt_format: str = "spec"  # --prompt_format (records older than it: spec)
+    chat_template: str = "none"  # the template training used (plan.RECORDED_TEMPLATES; older records: none)
 
     @property
     def builder(self) -> dl.PromptBuilder:
@@ -270,8 +272,18 @@ def read_run_record(model_dir: str) -> RunRecord:
     max_length = arguments.get("max_length", DEFAULT_MAX_LENGTH)
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise UsageError(f"{record_path}: arguments.max_length must be a positive integer, got {max_length!r}")
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    prompt_format = arguments.get("prompt_format") or "spec"
+    chat_template = resolved.get("chat_template") or "none"
+    if prompt_format not in ("spec", "conversation"):
+        raise UsageError(f"{record_path}: arguments.prompt_format must be spec or conversation, got {prompt_format!r}")
+    if chat_template not in ("tokenizer", "built-in ChatML", "none"):
+        raise UsageError(f"{record_path}: resolved.chat_template must be tokenizer, built-in ChatML or none, got "
+                         f"{chat_template!r}")
     return RunRecord(
         path=record_path,
+        prompt_format=prompt_format,
+        chat_template=chat_template,
         use_profile=bool(arguments.get("use_profile", True)),
         use_history=bool(arguments.get("use_history", True)),
         max_length=max_length,

@@ -28,9 +28,10 @@ def data_source(data: dl.ReviewData) -> str:
 
 
 def start_summary(args, data: dl.ReviewData, splits: dict[str, list[dl.Sample]], plan: RunPlan,
-                  model_facts: dict[str, Any]) -> str:
-    """The start summary's lines, from the plan and the model facts."""
+                  model_facts: dict[str, Any], data_facts: dict[str, Any] | None = None) -> str:
+    """The start summary's lines, from the plan, the model facts and the data facts (format, one epoch)."""
     facts = {**plan.record(), **model_facts}
+    data_facts = data_facts or {}
     summary = data_report.split_summary(splits)
     rows = [
         f"data        {data_source(data)}: {len(data.users)} user(s), "
@@ -40,6 +41,7 @@ def start_summary(args, data: dl.ReviewData, splits: dict[str, list[dl.Sample]],
           for n, i in summary.items()),
         f"prompt      profile={'on' if args.use_profile else 'off'} history={'on' if args.use_history else 'off'}"
         f" max_length={args.max_length}",
+        *format_summary_rows(data_facts),
         f"model       {args.model_path}  ({facts['device']}, weights {facts['dtype']})",
         f"precision   {facts['precision']}: {facts['precision_reason']}",
         f"optimizer   {facts['optimizer']}: {facts['optimizer_reason']}",
@@ -57,6 +59,24 @@ def start_summary(args, data: dl.ReviewData, splits: dict[str, list[dl.Sample]],
     if plan.report_message:
         rows.append(f"tracking    {plan.report_message}")
     return "training setup\n" + "\n".join("  " + r for r in rows)
+
+
+def format_summary_rows(facts: dict[str, Any]) -> list[str]:
+    """Start-summary rows for the prompt format, the chat template and what one epoch costs."""
+    if not facts:
+        return []
+    template = facts.get("chat_template", "none")
+    source = facts.get("chat_template_source")
+    if source and template != "none":
+        template = source if source.startswith(template) else f"{template} ({source})"
+    unit = "windows" if facts.get("prompt_format") == "conversation" else "samples"
+    return [
+        f"format      {facts.get('prompt_format', 'spec')}; chat template {template}",
+        f"epoch       {facts['train_sequences']} training sequences ({unit}), {facts['train_reviews']} reviews, "
+        f"{facts['tokens_per_epoch']:,} tokens ({facts['labelled_tokens_per_epoch']:,} labelled); "
+        f"{facts['optimizer_steps_per_epoch']} optimizer steps, ~{facts['reviews_per_optimizer_step']:g} reviews "
+        "per optimizer step",
+    ]
 
 
 def start_warnings(args, plan: RunPlan, prepared) -> list[str]:
