@@ -31,7 +31,6 @@ import data_loader_movie_review as dl
 from review_lm import adapters, disk_space, progress, run_folder, run_guard, run_report, sharding, tracking
 from review_lm import fault_tolerance as ft
 from review_lm import model_loading as ml
-from review_lm.chat_format import ChatFormatError
 from review_lm.plan import (
     CHAT_TEMPLATE_FLAGS,
     PROMPT_FORMATS,
@@ -194,7 +193,6 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
 
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
     data, splits = load_splits(args)
-    plan = plan.with_data(args, len(splits["train"]), bool(splits["val"]))
     import transformers
 
     from review_lm import dataset as rd
@@ -206,17 +204,15 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
                                                  f"--model_path {args.model_path}: no such local folder")
     tokenizer = ml.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
     template = resolve_chat_template(args.prompt_format, args.chat_template, bool(tokenizer.chat_template))
-    try:
-        prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
-                                   dl.PromptBuilder(args.use_profile, args.use_history), args.prompt_format, template)
-    except ChatFormatError as err:
-        raise UsageError(f"--chat_template: {err}") from None
-    # Optimizer steps count sequences: a conversation run's are its windows, known once tokenized.
+    prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
+                               dl.PromptBuilder(args.use_profile, args.use_history), args.prompt_format, template)
+    # Optimizer steps count sequences (a conversation run's are its windows, known once tokenized); a bad
+    # --save_steps / --eval_steps pair is refused here, still before the model loads.
     plan = plan.with_data(args, prepared.size("train"), bool(splits["val"]))
     if rank != 0:  # only rank 0 writes text files (preview, test samples, record): the others keep the arrays
         del data, splits
         prepared.release_texts()
-    model = None if args.preview_only else load_model(args, source, local_only, plan)
+    model = None if args.preview_only else ml.load_training_model(args, source, local_only, plan)
     model_facts = adapters.describe(args, model)
     if rank == 0:
         start_output_dir(args, prepared, plan, model_facts, start, lock)
@@ -304,26 +300,6 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
 # --------------------------------------------------------------------------------------------------------------
 # Model and Trainer
 # --------------------------------------------------------------------------------------------------------------
-def load_model(args, source: str, local_only: bool, plan: RunPlan):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    precision = plan.precision
-    try:
-        # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, precision.weights_dtype), attn_implementation=plan.runtime.attention,
-            trust_remote_code=args.trust_remote_code, **ml.pretrained_source_kwargs(local_only),
-            **adapters.quantization_load_kwargs(plan.quantization, precision.torch_compute_dtype,
-                                                int(os.environ.get("LOCAL_RANK", "0"))))
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load model weights from {args.model_path!r}: {ml.one_line(err, 200)}") from None
-    # Full fine-tuning: the model as loaded; LoRA / QLoRA: adapters on the frozen base (peft).
-    return adapters.wrap_model(model, args, adapters.base_model_reference(args.model_path, source),
-                               quantized=plan.quantization is not None,
-                               gradient_checkpointing=args.gradient_checkpointing)
-
-
 def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPlan):
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 import data_loader_movie_review as dl
 from review_lm import chat_format as cf
+from review_lm.utils import UsageError
 
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
 PROMPT_CHECK_SAMPLES = 32  # training prompts re-tokenized as text to check they match the assembled ids
@@ -493,8 +494,11 @@ def prepare_data(data: dl.ReviewData, splits: dict[str, list[dl.Sample]], tokeni
                  ) -> PreparedData:
     """Token pieces for every split. Every torchrun rank runs this itself (cheap and deterministic; see the
     module docstring for why not rank 0 + a cache). ``chat_template``: ``plan.resolve_chat_template``'s."""
-    fmt = chat_format_for(tokenizer, chat_template)
-    datasets = build_datasets(splits, tokenizer, max_length, builder, fmt, prompt_format)
+    try:
+        fmt = chat_format_for(tokenizer, chat_template)
+        datasets = build_datasets(splits, tokenizer, max_length, builder, fmt, prompt_format)
+    except cf.ChatFormatError as err:  # a template that cannot be rendered turn by turn: the user's flag
+        raise UsageError(f"--chat_template: {err}") from None
     checked = []  # evaluation generates from the test prompts' text: their ids must be the assembled ones
     for name in ("train", "test") if prompt_format == "conversation" or fmt is not None else ("train",):
         view = datasets[name].encoded_samples()

@@ -121,6 +121,30 @@ def load_training_tokenizer(model_path: str, source: str, local_only: bool, trus
     return tokenizer
 
 
+def load_training_model(args, source: str, local_only: bool, plan):
+    """The base model as training uses it (``plan``: ``review_lm.plan.RunPlan``): its precision's dtype, the
+    chosen attention, QLoRA's 4-bit config; wrapped with LoRA adapters for ``--finetuning_type lora``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from review_lm import adapters
+
+    precision = plan.precision
+    try:
+        # safetensors first; a .bin is read with torch.load(weights_only=True) by transformers 5.
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, precision.weights_dtype), attn_implementation=plan.runtime.attention,
+            trust_remote_code=args.trust_remote_code, **pretrained_source_kwargs(local_only),
+            **adapters.quantization_load_kwargs(plan.quantization, precision.torch_compute_dtype,
+                                                int(os.environ.get("LOCAL_RANK", "0"))))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load model weights from {args.model_path!r}: {one_line(err, 200)}") from None
+    # Full fine-tuning: the model as loaded; LoRA / QLoRA: adapters on the frozen base (peft).
+    return adapters.wrap_model(model, args, adapters.base_model_reference(args.model_path, source),
+                               quantized=plan.quantization is not None,
+                               gradient_checkpointing=args.gradient_checkpointing)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Trained output folders
 # --------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 import train_distributed_MovieReview as tr
 from review_lm import adapters
+from review_lm import model_loading as ml
 from review_lm import plan as rp
 from tests.helpers import (
     EXAMPLE,
@@ -112,7 +113,7 @@ def test_quantization_config_reaches_from_pretrained(monkeypatch):
                         (model, base, quantized))
     plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), False), adapters.plan_quantization(4, True, True))
     args = args_for("--finetuning_type", "lora", "--quantization_bit", "4")
-    assert tr.load_model(args, "Qwen/Qwen2.5-3B", False, plan) == ("model", "Qwen/Qwen2.5-3B", True)
+    assert ml.load_training_model(args, "Qwen/Qwen2.5-3B", False, plan) == ("model", "Qwen/Qwen2.5-3B", True)
     config = seen["quantization_config"]
     assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
     assert config.bnb_4bit_compute_dtype == torch.bfloat16

@@ -469,6 +469,7 @@ def review_losses(model, ids: list[int], spans: list[tuple[int, int]]) -> list[f
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3", "qwen25", "builtin-eos"])
 def test_loss_of_each_review_in_one_pass_equals_its_cut_sequence(loss_formats, real_users, name):
     from review_lm.tiny_model import build_tiny_model

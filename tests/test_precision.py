@@ -157,6 +157,7 @@ def mean_abs_diff(a: dict, b: dict) -> float:
 PURE_BF16_PLAIN_ADAMW = pr.PrecisionPlan("bf16-pure", "bfloat16", "bf16", pr.ADAMW_TORCH, "old path", "plain AdamW")
 
 
+@pytest.mark.slow
 def test_bf16_mixed_moves_every_weight_where_pure_bf16_adamw_freezes_most(probe_model, batches):
     start = decoder_weights(probe_model)
     mixed, _ = train_steps(probe_model, pr.plan_precision("bf16-mixed", True, True), batches, 3)
@@ -167,6 +168,7 @@ def test_bf16_mixed_moves_every_weight_where_pure_bf16_adamw_freezes_most(probe_
     assert old_changed < 0.5, old_changed  # measured ~0.15: most updates round away
 
 
+@pytest.mark.slow
 def test_kahan_bf16_pure_tracks_bf16_mixed_where_plain_adamw_drifts(probe_model, batches):
     import torch
 

@@ -149,7 +149,7 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
                         lambda source, **kwargs: seen.update(source=source, **kwargs) or "model")
     plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), True))
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out"])
-    assert tr.load_model(args, "/models/qwen", True, plan) == "model"
+    assert ml.load_training_model(args, "/models/qwen", True, plan) == "model"
     # bf16-mixed: fp32 master weights; FA2 runs on the bf16 activations autocast gives it.
     assert seen == {"source": "/models/qwen", "dtype": torch.float32, "attn_implementation": "flash_attention_2",
                     "trust_remote_code": False, "local_files_only": True,
