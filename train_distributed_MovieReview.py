@@ -193,6 +193,7 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
 
     # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
     data, splits = load_splits(args)
+    plan = plan.with_splits(args, bool(splits["val"]))  # a bad --save_steps / --eval_steps pair stops here
     import transformers
 
     from review_lm import dataset as rd
@@ -206,9 +207,8 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     template = resolve_chat_template(args.prompt_format, args.chat_template, bool(tokenizer.chat_template))
     prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
                                dl.PromptBuilder(args.use_profile, args.use_history), args.prompt_format, template)
-    # Optimizer steps count sequences (a conversation run's are its windows, known once tokenized); a bad
-    # --save_steps / --eval_steps pair is refused here, still before the model loads.
-    plan = plan.with_data(args, prepared.size("train"), bool(splits["val"]))
+    # Optimizer steps count sequences: a conversation run's are its windows, known once tokenized.
+    plan = plan.with_steps(args, prepared.size("train"))
     if rank != 0:  # only rank 0 writes text files (preview, test samples, record): the others keep the arrays
         del data, splits
         prepared.release_texts()

@@ -8,8 +8,9 @@ Three steps, each a pure function of what it is given (tested branch by branch w
   (:func:`choose_attention`), packing and completion-only logits (``completion_training``), QLoRA
   (``adapters``) and sharding (``sharding``); contradictions with the hardware are refused here, still before
   the data is read;
-* :meth:`RunPlan.with_data` - once the split sizes are known: whether there is a validation split, the
-  checkpoint/evaluation schedule (``fault_tolerance``) and the optimizer steps.
+* :meth:`RunPlan.with_splits` / :meth:`RunPlan.with_steps` - once the data is split: whether there is a validation
+  split and the checkpoint/evaluation schedule (``fault_tolerance``); once it is tokenized: the optimizer steps
+  and the logging cadence.
 
 The start summary and ``training_config.json``'s ``resolved`` section are both printed from the plan
 (:meth:`RunPlan.record`).
@@ -199,16 +200,26 @@ class RunPlan:
     def precision(self) -> PrecisionPlan:
         return self.runtime.precision
 
-    def with_data(self, args: argparse.Namespace, train_samples: int, has_val: bool) -> RunPlan:
-        """The plan completed by the split sizes: refuses a bad --save_steps/--eval_steps pair here."""
-        steps = optimizer_steps_per_epoch(train_samples, args.batch_size, self.world_size,
+    def with_splits(self, args: argparse.Namespace, has_val: bool) -> RunPlan:
+        """The plan completed by the split: whether there is a validation split, and the checkpoint/evaluation
+        schedule (a bad --save_steps/--eval_steps pair is refused here, before the tokenizer or model loads)."""
+        return replace(self, has_val=has_val, schedule=ft.checkpoint_schedule(args.save_steps, args.eval_steps,
+                                                                              has_val))
+
+    def with_steps(self, args: argparse.Namespace, train_sequences: int) -> RunPlan:
+        """The plan completed by the number of training sequences (samples; a conversation run's windows, known
+        once tokenized): optimizer steps and the logging cadence."""
+        steps = optimizer_steps_per_epoch(train_sequences, args.batch_size, self.world_size,
                                           args.gradient_accumulation_steps)
-        schedule = ft.checkpoint_schedule(args.save_steps, args.eval_steps, has_val)
         # Per-epoch strategies ignore the step counts, but Trainer stores them in every checkpoint and warns on
         # resume when they differ from its 500 default: give the epoch's length instead.
-        schedule = {"save_steps": steps, "eval_steps": steps, **schedule}
-        return replace(self, has_val=has_val, schedule=schedule, steps_per_epoch=steps,
-                       max_steps=steps * args.max_epochs, logging_steps=logging_cadence(args.logging_steps, steps))
+        schedule = {"save_steps": steps, "eval_steps": steps, **self.schedule}
+        return replace(self, schedule=schedule, steps_per_epoch=steps, max_steps=steps * args.max_epochs,
+                       logging_steps=logging_cadence(args.logging_steps, steps))
+
+    def with_data(self, args: argparse.Namespace, train_sequences: int, has_val: bool) -> RunPlan:
+        """:meth:`with_splits` then :meth:`with_steps` (where both are known at once)."""
+        return self.with_splits(args, has_val).with_steps(args, train_sequences)
 
     def record(self) -> dict[str, Any]:
         """The decisions as training_config.json's ``resolved`` section records them (model facts come apart)."""
