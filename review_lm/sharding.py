@@ -119,11 +119,21 @@ def fsdp_version(torch_supports_fsdp2: bool) -> int:
     return 2 if torch_supports_fsdp2 else 1
 
 
-def torch_supports_fsdp2() -> bool:
-    from accelerate.utils import is_torch_version
-    from accelerate.utils.constants import FSDP2_PYTORCH_VERSION
+# FSDP2 (``torch.distributed.fsdp.fully_shard``) is public API from torch 2.6 on, and accelerate's FSDP2 plugin
+# requires that release. Our own statement of the requirement, not accelerate's internal constant (accelerate 1.16
+# removed ``accelerate.utils.constants.FSDP2_PYTORCH_VERSION``, which broke every --fsdp run importing it).
+FSDP2_MIN_TORCH = "2.6.0"
 
-    return is_torch_version(">=", FSDP2_PYTORCH_VERSION)
+
+def torch_supports_fsdp2(torch_version: str | None = None) -> bool:
+    """Whether ``torch_version`` (default: the installed torch) has FSDP2; local labels (+cpu, +cu126) ignored."""
+    from packaging.version import Version
+
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    return Version(Version(str(torch_version)).base_version) >= Version(FSDP2_MIN_TORCH)
 
 
 def training_kwargs(plan: ShardingPlan, layer_classes: set[str], gradient_checkpointing: bool,

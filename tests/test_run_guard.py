@@ -191,7 +191,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from review_lm import run_guard as rg
     from review_lm.utils import UsageError
-    out, run_id, hold, go = sys.argv[1], sys.argv[2] or None, float(sys.argv[3]), sys.argv[4]
+    out, run_id, hold, go, release = sys.argv[1], sys.argv[2] or None, float(sys.argv[3]), sys.argv[4], sys.argv[5]
     while go and not os.path.exists(go):
         time.sleep(0.005)
     try:
@@ -200,15 +200,20 @@ CHILD = textwrap.dedent("""
         print("refused:", err, flush=True)
         sys.exit(2)
     print("locked", os.getpid(), flush=True)
-    time.sleep(hold)
+    if release:  # hold until the test says so (no race with the other launches' attempts)
+        while not os.path.exists(release):
+            time.sleep(0.005)
+    else:
+        time.sleep(hold)
     lock.release()
 """).format(repo=str(REPO))
 
 
-def child(out: Path, run_id: str = "", hold: float = 60.0, go: str = "", **env: str) -> subprocess.Popen:
+def child(out: Path, run_id: str = "", hold: float = 60.0, go: str = "", release: str = "",
+          **env: str) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID",
                                                                 "TORCHELASTIC_RESTART_COUNT")}
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), run_id, str(hold), go],
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), run_id, str(hold), go, release],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**environ, **env})
 
 
@@ -266,10 +271,9 @@ def test_second_launch_is_refused_at_once_naming_the_holder_then_takes_over_a_ki
     out = tmp_path / "run"
     procs.append(holder := child(out, "launch-a"))
     pid = int(wait_locked(holder)[-1].split()[1])
-    t0 = time.monotonic()
     with pytest.raises(UsageError) as refused:
-        rg.RunLock(str(out), "launch-b").acquire()
-    assert time.monotonic() - t0 < 1.0
+        rg.RunLock(str(out), "launch-b", timeout=600).acquire()
+    assert holder.poll() is None  # refused while the holder still holds it: at once, not after waiting for it
     message = str(refused.value)
     assert message.startswith(f"{out} is in use by another training run (pid {pid} on host ")
     assert message.endswith("); wait for it or choose another --output_dir") and "\n" not in message
@@ -291,10 +295,9 @@ def test_ranks_of_the_same_launch_pass_and_others_wait_then_are_refused(tmp_path
     assert lock.role == "follower" and lock.verified and not lock.held and lock.holder["pid"] == pid
     lock.release()  # nothing to release: the leader still holds it
     assert rg.lock_holder(str(out))["pid"] == pid
-    t0 = time.monotonic()
     with pytest.raises(UsageError, match=rf"waited 0.3 s .* held by another training run \(pid {pid} on host"):
         rg.RunLock(str(out), "launch-b", environ=rank1, timeout=0.3).acquire()
-    assert time.monotonic() - t0 < 1.0
+    assert leader.poll() is None  # the leader (holding for 60 s) still holds it: the follower gave up on its own
 
 
 def test_follower_waits_for_its_leader(tmp_path, procs):
@@ -342,12 +345,17 @@ def test_a_follower_with_a_stale_holder_of_the_previous_attempt_waits_for_the_ne
 
 def test_two_launches_at_once_exactly_one_wins(tmp_path, procs):
     out = tmp_path / "run"
-    go = tmp_path / "go"
-    for run_id in ("launch-a", "launch-b", "launch-c"):
-        procs.append(child(out, run_id, hold=1.5, go=str(go)))
-    time.sleep(0.2)  # all three are polling for the start signal
-    go.touch()
-    results = [(p.wait(20), p.stdout.read()) for p in procs]
+    go, release = tmp_path / "go", tmp_path / "release"
+    launches = [child(out, run_id, go=str(go), release=str(release)) for run_id in ("launch-a", "launch-b", "launch-c")]
+    procs.extend(launches)
+    go.touch()  # all three try at about the same time, however slowly each one started
+    # The winner holds the lock until `release` exists, so a loser cannot win late: wait for the two losers first.
+    deadline = time.monotonic() + 60
+    while sum(p.poll() is not None for p in launches) < 2:
+        assert time.monotonic() < deadline, "two of the three launches should have been refused"
+        time.sleep(0.02)
+    release.touch()
+    results = [(p.wait(20), p.stdout.read()) for p in launches]
     assert sorted(rc for rc, _ in results) == [0, 2, 2], results
     winner = next(text for rc, text in results if rc == 0)
     winner_pid = int(winner.split()[1])

@@ -99,15 +99,49 @@ def test_more_epochs_continue_a_finished_run_and_the_records_say_so(run_copy, ti
     assert json.loads((run_copy / rf.FINGERPRINT_FILE).read_text())["max_epochs"] == 3
 
 
+HOLD_AT_TRAIN = '''
+import os, time
+gate = os.environ.get("REVIEW_LM_TEST_GATE")
+if gate:
+    import transformers
+
+    _train = transformers.Trainer.train
+
+    def train(self, *args, **kwargs):  # hold the run (lock taken, data and model loaded) until the test says go
+        open(gate + ".reached", "w").close()
+        while not os.path.exists(gate + ".go"):
+            time.sleep(0.05)
+        return _train(self, *args, **kwargs)
+
+    transformers.Trainer.train = train
+'''
+
+
+def gated_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose training run stops just before its first step until ``gate.go`` exists."""
+    hook = tmp_path / "gate_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_AT_TRAIN, encoding="utf-8")
+    gate = tmp_path / "gate"
+    return clean_env(PYTHONPATH=f"{hook}{os.pathsep}{REPO}", REVIEW_LM_TEST_GATE=str(gate)), gate
+
+
 def test_a_second_launch_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path, tiny_model):
     out = tmp_path / "run"
-    first = start_train(*common(out, tiny_model, "--max_epochs", "3"))
-    wait_for_checkpoints(first, out, 1)
-    started = time.monotonic()
+    env, gate = gated_env(tmp_path)
+    first = start_train(*common(out, tiny_model, "--max_epochs", "3"), env=env)
+    reached = Path(f"{gate}.reached")
+    deadline = time.monotonic() + 240
+    while not reached.exists():  # not a race: the first run waits at the gate for as long as the test needs
+        assert first.poll() is None and time.monotonic() < deadline, finish(first, timeout=1)[-3000:]
+        time.sleep(0.05)
+    # The first run holds the lock for as long as the gate is shut, so a second launch that waited for the lock
+    # instead of refusing at once would hang here until run_train's timeout fails the test.
     second = run_train(*common(out, tiny_model, "--max_epochs", "1", "--overwrite_output_dir"))
     line = one_line_error(second)
-    assert time.monotonic() - started < 60
     assert f"{out} is in use by another training run (pid {first.pid} on host" in line
+    assert first.poll() is None  # still held at the gate: the refusal did not wait for it
+    Path(f"{gate}.go").touch()
     log = finish(first)
     assert first.returncode == 0, log[-3000:]
     config = read_config(out)

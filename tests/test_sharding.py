@@ -97,6 +97,9 @@ def test_fsdp_variants():
     checkpointed = sharding.training_kwargs(fsdp, {"LlamaDecoderLayer"}, gradient_checkpointing=True)
     assert checkpointed["fsdp_config"]["activation_checkpointing"] is True  # FSDP's own, not Trainer's
     assert sharding.fsdp_version(False) == 1 and sharding.fsdp_version(True) == 2
+    # The requirement is ours (torch >= 2.6), read from torch's version string, local build labels ignored.
+    assert not sharding.torch_supports_fsdp2("2.5.1+cu121") and sharding.torch_supports_fsdp2("2.6.0")
+    assert sharding.torch_supports_fsdp2("2.13.0+cpu") and sharding.torch_supports_fsdp2("2.6.0.dev20241201")
     v1 = sharding.training_kwargs(fsdp, {"LlamaDecoderLayer"}, False, version=1)["fsdp_config"]
     assert (v1["version"], v1["reshard_after_forward"]) == (1, "FULL_SHARD")
     with pytest.raises(tr.UsageError, match="no decoder-layer class"):
