@@ -1,7 +1,7 @@
 # One-command entry points. Each creates .venv if missing and installs what it needs first.
 #   make demo   - tiny offline end-to-end run (inspect data, train, evaluate) on 2 CPU cores
 #   make test   - the test suite (what CI runs)
-#   make lint   - ruff
+#   make lint   - ruff, and import-linter (the package's layers: pyproject.toml [tool.importlinter])
 #   make test-latest - the fast subset on the newest versions requirements*.txt allow (own venv; not in CI):
 #                 run it on purpose to find a new release's breakage before a newcomer does
 #   make constraints - rewrite constraints.txt (the exact set the suite passed with) from .venv
@@ -31,6 +31,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 demo: setup
 	@PATH="$(abspath $(BIN)):$$PATH" bash tools/demo.sh

@@ -10,7 +10,7 @@ Input: ``test_samples.json`` written by ``train_distributed_MovieReview.py`` (a 
 (``tokenizer(prompt, add_special_tokens=False)``) and the model continues it with one review, up to EOS.
 
 ``--predictions P.jsonl`` scores outputs made elsewhere instead (one JSON object per line: ``index``,
-``prediction``; read by ``review_lm.predictions``) without loading a model: they take the model's place in
+``prediction``; read by ``review_lm.evaluation.predictions``) without loading a model: they take the model's place in
 metrics.json (``model``), so ``--compare`` treats them like a model run. It needs ``--test_file`` and takes no
 ``--model_dir`` (the predictions are not that model's); output defaults to ``P_eval/`` beside the file.
 
@@ -18,12 +18,13 @@ Output (``MODEL_DIR/eval/`` or ``--output_dir``): ``predictions.jsonl`` (one lin
 prediction, baseline outputs), ``style.png`` (the style metrics at a glance) and ``metrics.json`` (scores plus
 exactly how each was computed). metrics.json is written last, so its presence means the evaluation finished.
 
-Two kinds of scores, for the model and every baseline on the same test samples: overlap with the user's real
-review of the film (``review_lm.metrics``) and whether the output writes like *this* user: attribution,
-stylometry, copying (``review_lm.style``, run by ``review_lm.style_report``; ``--style_pool`` adds other users as
-attribution negatives). Every definition goes into metrics.json. Generation: ``review_lm.generation``; tables
-and ``--compare``: ``review_lm.comparison``. torch / transformers / sacrebleu / rouge-score / scikit-learn /
-matplotlib are imported inside the functions that need them, so ``--compare``, ``--baselines_only``,
+Two kinds of scores, for the model and every baseline on the same test samples: overlap with the user's real review
+of the film (``review_lm.evaluation.metrics``) and whether the output writes like *this* user: attribution,
+stylometry, copying (``review_lm.evaluation.style``, run by ``review_lm.evaluation.style_report``; ``--style_pool``
+adds other users as attribution negatives). Every definition goes into metrics.json. Generation:
+``review_lm.inference.generation``; tables and ``--compare``: ``review_lm.evaluation.comparison``. torch /
+transformers / sacrebleu / rouge-score / scikit-learn / matplotlib are imported inside the functions that need them,
+so ``--compare``, ``--baselines_only``,
 ``--predictions`` and input errors answer without loading torch.
 """
 
@@ -36,10 +37,9 @@ import sys
 import time
 from typing import Any
 
-from review_lm import model_loading, run_folder, style
-from review_lm.comparison import compare, markdown_table, table_rows
-from review_lm.generation import Generated, GenerationSettings, generate_predictions
-from review_lm.metrics import (
+from review_lm.evaluation import style
+from review_lm.evaluation.comparison import compare, markdown_table, table_rows
+from review_lm.evaluation.metrics import (
     compute_baselines,
     compute_metrics,
     metric_definitions,
@@ -47,18 +47,27 @@ from review_lm.metrics import (
     references_digest,
     sample_rouge,
 )
-from review_lm.predictions import read_predictions
-from review_lm.run_folder import (
+from review_lm.evaluation.predictions import read_predictions
+from review_lm.evaluation.style_report import TABLE_LEGEND, load_style_pool, style_metrics
+from review_lm.inference import model_loading
+from review_lm.inference.generation import (
+    Generated,
+    GenerationSettings,
+    add_decoding_arguments,
+    add_loading_arguments,
+    check_decoding,
+    generate_predictions,
+)
+from review_lm.runs import run_folder
+from review_lm.runs.run_folder import (
     EVAL_DIR,
     METRICS_FILE,
     PREDICTIONS_EVAL_SUFFIX,
     PREDICTIONS_FILE,
     STYLE_FIGURE,
     TEST_SAMPLES,
-    SampleSet,
-    load_test_samples,
 )
-from review_lm.style_report import TABLE_LEGEND, load_style_pool, style_metrics
+from review_lm.runs.test_set import SampleSet, load_test_samples
 from review_lm.utils import (
     ArgumentParser,
     UsageError,
@@ -249,17 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json in the output folder")
     p.add_argument("--baselines_only", action="store_true", help="score only the model-free baselines (no model)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="most tokens generated per review (default 128)")
-    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample (0.7)")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass with --do_sample (0.9)")
-    p.add_argument("--top_k", type=int, default=0, help="top-k filter with --do_sample; 0 = off (default)")
+    add_decoding_arguments(p, sample_by_default=False, max_new_tokens=128)
     p.add_argument("--seed", type=int, default=42, help="seed for sampling and the random baseline (42)")
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="weights dtype; auto = bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from MODEL_DIR")
-    p.add_argument("--base_model", help="base model of a LoRA adapter run, if not where adapter_config.json says")
+    add_loading_arguments(p)
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="compare evaluated runs (run dir, its eval dir, or a metrics.json) instead of evaluating")
@@ -269,10 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--model_dir is required (or --test_file T --predictions P.jsonl, or --compare DIR [DIR ...])")
     try:
         check_range("batch_size", args.batch_size, 1)
-        check_range("max_new_tokens", args.max_new_tokens, 1)
-        check_range("temperature", args.temperature, 0, inclusive=False)
-        check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
-        check_range("top_k", args.top_k, 0)
+        check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     except UsageError as err:
         p.error(str(err))
     return args

@@ -3,8 +3,8 @@
     python generate_review.py --model_dir outputs/movie_review_model_Y --movie 流浪地球 --movie 爱乐之城
     python generate_review.py --model_dir outputs/movie_review_model_Y --interactive
 
-The prompt is the one training used (``review_lm.dataset.encode_new_review``): the run's own settings
-from its ``training_config.json`` (``review_lm.run_folder.read_run_record``: profile/history ablation,
+The prompt is the one training used (``review_lm.data.datasets.encode_new_review``): the run's own settings
+from its ``training_config.json`` (``review_lm.runs.run_folder.read_run_record``: profile/history ablation,
 ``--max_length``, ``--prompt_format`` and the chat template; a conversation run's prompt is the conversation of
 the user's turns + the new request, and a review also stops at the end-of-turn token) and the user's whole history,
 i.e. every review of theirs in the training data file (or ``--data_file``), oldest first, the newest kept when
@@ -31,9 +31,18 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import data_loader_movie_review as dl
-from review_lm import model_loading
-from review_lm.generation import GenerationSettings, Written, generate_one, generation_config_kwargs, stop_token_ids
-from review_lm.run_folder import RunRecord, read_run_record
+from review_lm.inference import model_loading
+from review_lm.inference.generation import (
+    GenerationSettings,
+    Written,
+    add_decoding_arguments,
+    add_loading_arguments,
+    check_decoding,
+    generate_one,
+    generation_config_kwargs,
+    stop_token_ids,
+)
+from review_lm.runs.run_folder import RunRecord, read_run_record
 from review_lm.utils import ArgumentParser, UsageError, check_range
 
 LISTED_USERS = 10  # names shown when a user must be picked; the rest are counted
@@ -51,27 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--user", help="whose voice, in a multi-user data file (required when there are several)")
     p.add_argument("--data_file", nargs="+", metavar="PATH",
                    help="review files/folders with the user's history (default: the run's training data)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling (default: a random one)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (deterministic)")
     p.add_argument("--num_samples", type=int, default=1, help="reviews per film")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per review")
+    add_decoding_arguments(p, sample_by_default=True, max_new_tokens=256)
     p.add_argument("--show_prompt", action="store_true", help="print the exact prompt before the reviews")
     p.add_argument("--json", action="store_true", help="one JSON object per line and review, nothing streamed")
-    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="weights dtype; auto = bf16 on a GPU that supports it, else fp32")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from MODEL_DIR")
-    p.add_argument("--base_model", help="base model of a LoRA adapter run, if not where adapter_config.json says")
+    add_loading_arguments(p)
     args = p.parse_args(argv)
     if not args.movie and not args.interactive:
         p.error("name a film with --movie NAME (repeatable) or use --interactive")
     try:
         check_range("num_samples", args.num_samples, 1)
-        check_range("max_new_tokens", args.max_new_tokens, 1)
-        check_range("temperature", args.temperature, 0, inclusive=False)
-        check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
+        check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     except UsageError as err:
         p.error(str(err))
     if args.greedy and args.num_samples > 1:
@@ -158,7 +158,7 @@ class ReviewWriter:
         self.loaded, self.args = loaded, args
         tokenizer = loaded.tokenizer
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1, do_sample=not args.greedy,
-                                      temperature=args.temperature, top_p=args.top_p, top_k=0)
+                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         # evaluate's rule: every field that decides the output is set, none comes from the model's own config.
         # The run's chat format (if any) ends a review with its end-of-turn token as well as EOS.
         self.gen_kwargs = generation_config_kwargs(settings, stop_token_ids(tokenizer, run.chat_template),
@@ -197,7 +197,7 @@ def review_film(writer: ReviewWriter, run: RunRecord, user: dl.UserHistory, movi
     if earlier is not None:
         print(f"note: {user.name} already reviewed 《{movie}》 on {earlier.timestamp}; that review stays in the "
               "history and a new one is written", file=sys.stderr)
-    from review_lm.dataset import encode_new_review  # torch: after the model has loaded
+    from review_lm.data.datasets import encode_new_review  # torch: after the model has loaded
 
     enc = encode_new_review(writer.loaded.tokenizer, user, movie, run.builder, run.max_length, args.max_new_tokens,
                             run.prompt_format, run.chat_template)

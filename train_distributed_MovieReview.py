@@ -5,12 +5,13 @@ One script for one device and for many::
     python train_distributed_MovieReview.py --data_file example_movie_review_data.json --output_dir outputs/Y
     torchrun --nproc_per_node=4 train_distributed_MovieReview.py --data_file ... --output_dir ...
 
-The story of a run: arguments -> plan (``review_lm.plan``: every decision, once, before anything slow) -> data
-(prompts from ``data_loader_movie_review``, token pieces in ``review_lm.dataset``) -> model (``adapters`` for
-LoRA/QLoRA) -> transformers' ``Trainer`` (``completion_training``: packed rows, loss and LM head on the review +
-EOS only; DDP under torchrun, FSDP/DeepSpeed via ``sharding``; evaluation, a checkpoint every epoch and early
-stopping; ``fault_tolerance`` for restarts and SIGTERM) -> the best model saved and the run recorded
-(``run_folder``, ``run_report``). FlashAttention 2 is used where it can run, PyTorch SDPA otherwise.
+The story of a run: arguments -> plan (``review_lm.training.plan``: every decision, once, before anything slow)
+-> the run folder (``review_lm.runs``: lock, fingerprint, restarts, checkpoints) -> data (``review_lm.data``: the
+loader's prompts, token pieces stored once) -> model (``training.model_setup``; ``adapters`` for LoRA/QLoRA) ->
+transformers' ``Trainer`` (``training.completion_training``: packed rows, loss and LM head on the review + EOS only;
+DDP under torchrun, FSDP/DeepSpeed via ``training.sharding``; evaluation, a checkpoint every epoch and early
+stopping; ``training.graceful_stop`` for SIGTERM) -> the best model saved and the run recorded (``runs.run_folder``,
+``training.report``). FlashAttention 2 is used where it can run, PyTorch SDPA otherwise.
 
 Outputs (output_dir): pytorch_model.bin (or model.safetensors), config.json, tokenizer files,
 training_config.json, test_samples.json, training_samples_preview.txt, loss_curve.png, checkpoint-*/.
@@ -28,10 +29,12 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import data_loader_movie_review as dl
-from review_lm import adapters, disk_space, progress, run_folder, run_guard, run_report, sharding, tracking
-from review_lm import fault_tolerance as ft
-from review_lm import model_loading as ml
-from review_lm.plan import (
+from review_lm.inference import model_loading as ml
+from review_lm.runs import checkpoints, disk_space, fingerprint, launch, restart, run_folder, test_set
+from review_lm.runs import lock as run_lock
+from review_lm.training import adapters, graceful_stop, model_setup, process_group, progress, sharding, tracking
+from review_lm.training import report as run_report
+from review_lm.training.plan import (
     CHAT_TEMPLATE_FLAGS,
     PROMPT_FORMATS,
     RunPlan,
@@ -40,11 +43,11 @@ from review_lm.plan import (
     resolve_chat_template,
     validate_arguments,
 )
-from review_lm.precision import PRECISIONS
+from review_lm.training.precision import PRECISIONS
 from review_lm.utils import ArgumentParser, UsageError, write_text_atomic
 
-if TYPE_CHECKING:  # review_lm.dataset imports torch: loaded only once the data has been validated
-    from review_lm import dataset as rd
+if TYPE_CHECKING:  # the datasets need the tokenizer: loaded only once the data has been validated
+    from review_lm.data import datasets as rd
 
 logger = logging.getLogger("movie_review")
 PREVIEW_SAMPLES = 3
@@ -159,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, rank: int) -> int:
     validate_arguments(args)  # every flag check that needs neither data nor hardware
     # One run per output folder, for the run's whole life: taken before anything slow, released on any exit.
-    with run_guard.RunLock(args.output_dir, run_guard.launch_id(), log=logger.warning) as lock:
-        start = run_guard.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
+    with run_lock.RunLock(args.output_dir, launch.launch_id(), log=logger.warning) as lock:
+        start = restart.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
         if rank == 0:
             for message in start.messages:
                 logger.warning(message)
         if start.finished:
             return 0
         if rank == 0:
-            restarts = ft.restart_count(os.environ)
+            restarts = launch.restart_count(os.environ)
             if restarts and start.plan.action == "resume":
                 logger.warning("torchrun restart %d of the worker group: %s", restarts, f"resuming from {start.resume}"
                                if start.resume else "no complete checkpoint yet, starting from scratch")
@@ -175,35 +178,35 @@ def train(args: argparse.Namespace, rank: int) -> int:
                 logger.info("resuming from %s", start.resume)
             if start.resume:
                 disk_space.remove_partial_checkpoints(args.output_dir, log=logger.warning)
-            run_guard.record_start(args.output_dir, start, lock.run_id, args.max_epochs)
+            restart.record_start(args.output_dir, start, lock.run_id, args.max_epochs)
         try:
             return run(args, rank, start, lock)
         except (UsageError, dl.ReviewDataError):
             if rank == 0 and not os.path.exists(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES)):
-                run_guard.undo_record_start(args.output_dir, start)  # nothing of this run was written yet
+                restart.undo_record_start(args.output_dir, start)  # nothing of this run was written yet
             raise
 
 
-def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: run_guard.RunLock) -> int:
+def run(args: argparse.Namespace, rank: int, start: restart.RunStart, lock: run_lock.RunLock) -> int:
     resume = start.resume
+    # Data errors surface first, before torch is imported (the hardware probe) and before the (slow) model load;
+    # nothing is written until everything has loaded.
+    data, splits = load_splits(args)
     report_to, report_msg = tracking.configure_reporting(args.report_to, os.environ,
                                                          importlib.util.find_spec("wandb") is not None)
     plan = plan_hardware(args, probe_hardware(args), WORLD_SIZE, report_to, report_msg, resume)
-    ft.isolate_restarted_process_group(os.environ)  # a torchrun restart must not meet the dead group's store keys
-
-    # Data errors surface before the (slow) model load; nothing is written until everything has loaded.
-    data, splits = load_splits(args)
     plan = plan.with_splits(args, bool(splits["val"]))  # a bad --save_steps / --eval_steps pair stops here
+    process_group.isolate_restarted_process_group(os.environ)  # a restart must not meet the dead group's store keys
     import transformers
 
-    from review_lm import dataset as rd
+    from review_lm.data import datasets as rd
 
     transformers.logging.set_verbosity_warning()
     if not progress.stderr_is_terminal():  # no bar redraws (\r) from loading and saving in a log file
         transformers.utils.logging.disable_progress_bar()
     source, local_only = ml.resolve_model_source(args.model_path, os.environ,
                                                  f"--model_path {args.model_path}: no such local folder")
-    tokenizer = ml.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
+    tokenizer = model_setup.load_training_tokenizer(args.model_path, source, local_only, args.trust_remote_code)
     template = resolve_chat_template(args.prompt_format, args.chat_template, bool(tokenizer.chat_template))
     prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
                                dl.PromptBuilder(args.use_profile, args.use_history), args.prompt_format, template)
@@ -212,10 +215,11 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     if rank != 0:  # only rank 0 writes text files (preview, test samples, record): the others keep the arrays
         del data, splits
         prepared.release_texts()
-    model = None if args.preview_only else ml.load_training_model(args, source, local_only, plan)
+    model = None if args.preview_only else model_setup.load_training_model(args, source, local_only, plan)
     model_facts = adapters.describe(args, model)
+    data_facts = prepared.data_facts(plan.steps_per_epoch)  # the start summary and the record print the same
     if rank == 0:
-        start_output_dir(args, prepared, plan, model_facts, start, lock)
+        start_output_dir(args, prepared, plan, model_facts, data_facts, start, lock)
     if args.preview_only:
         if rank == 0:
             logger.info("--preview_only: wrote %s and %s to %s", run_folder.PREVIEW, run_folder.TEST_SAMPLES,
@@ -231,25 +235,25 @@ def run(args: argparse.Namespace, rank: int, start: run_guard.RunStart, lock: ru
     if rank == 0 and (warning := disk_space.check_disk_space(args.output_dir, needed)):
         logger.warning(warning)
     trainer = build_trainer(args, model, tokenizer, prepared, plan)
-    stop = ft.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
+    stop = graceful_stop.graceful_stop_callback()  # SIGTERM/SIGINT: finish the step, checkpoint, exit non-zero
     trainer.add_callback(stop)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         if stop.signum:
-            ft.report_stop(trainer, stop, ft.resume_command(sys.argv[1:], script_name(), os.environ))
+            resume_cmd = checkpoints.resume_command(sys.argv[1:], script_name(), os.environ)
+            graceful_stop.report_stop(trainer, stop, resume_cmd)
             return stop.exit_code
         save_final_model(args, trainer, merge_base=(source, local_only, plan.runtime.weights_dtype))
     except Exception as err:  # a full disk, a lost mount: one line with the way back, not a traceback
         if not disk_space.is_save_failure(err):
             raise
-        command = ft.resume_command(sys.argv[1:], script_name(), os.environ)
+        command = checkpoints.resume_command(sys.argv[1:], script_name(), os.environ)
         raise disk_space.save_failure(args.output_dir, rank, err, needed, command) from None
     if trainer.is_world_process_zero():
         outcome = run_report.summarize_run(args, trainer, result, plan.has_val)
         record = run_folder.run_record(args, prepared.data, prepared.splits, {
-            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts,
-            **prepared.format_facts(), "epoch": prepared.epoch_facts(plan.steps_per_epoch)}, outcome,
-            run_guard.fingerprint_digest(start.fingerprint))
+            **plan.record(), "truncated_targets": prepared.truncated_targets, **model_facts, **data_facts}, outcome,
+            fingerprint.fingerprint_digest(start.fingerprint))
         run_folder.write_run_record(args.output_dir, record)
         removed, freed = run_folder.remove_checkpoints(args.output_dir, args.keep_checkpoints,
                                                        outcome["best_checkpoint"])
@@ -272,29 +276,27 @@ def load_splits(args: argparse.Namespace) -> tuple[dl.ReviewData, dict[str, list
 
 
 def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts: dict[str, Any],
-                     start: run_guard.RunStart, lock: run_guard.RunLock) -> None:
+                     data_facts: dict[str, Any], start: restart.RunStart, lock: run_lock.RunLock) -> None:
     """Rank 0, before training: clear an overwritten run, say what will happen, write the data files.
 
     The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
     rewrites them (atomically) to the same content."""
-    from review_lm import dataset as rd
 
     if start.plan.remove_previous:
         removed = run_folder.remove_previous_run(args.output_dir)
         if removed:
             logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
-        run_guard.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
+        restart.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
     os.makedirs(args.output_dir, exist_ok=True)
-    logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts,
-                                         {**prepared.format_facts(), **prepared.epoch_facts(plan.steps_per_epoch)}))
+    logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts, data_facts))
     for warning in run_report.start_warnings(args, plan, prepared):
         logger.warning(warning)
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
     out = args.output_dir
-    run_folder.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
-                                  rd.prompt_records(prepared.datasets["test"]))
-    run_folder.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
+    test_set.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
+                                  prepared.datasets["test"].prompt_records())
+    test_set.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,8 +305,8 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
 def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPlan):
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 
-    from review_lm import completion_training as ct
-    from review_lm import dataset as rd
+    from review_lm.training import completion_training as ct
+    from review_lm.training import samplers
 
     has_val, efficiency = plan.has_val, plan.efficiency
     if efficiency.completion_only_logits and not ct.model_accepts_logits_to_keep(model):
@@ -324,11 +326,11 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         # Evaluation and checkpoints per epoch (28 reviews = ~2 steps an epoch), or every --save_steps/--eval_steps.
         **plan.schedule,
         restore_callback_states_from_checkpoint=True,  # a resume keeps early stopping's patience count
-        save_total_limit=2,  # with load_best_model_at_end Trainer keeps the best checkpoint plus the latest
+        save_total_limit=checkpoints.CHECKPOINTS_KEPT,  # with load_best_model_at_end: the best one plus the latest
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        # The loss at the first step, a handful of times per epoch and at each epoch's end (review_lm.progress).
+        # The loss at the first step, a handful of times per epoch and at each epoch's end (training.progress).
         logging_strategy="steps",
         logging_steps=plan.logging_steps,
         logging_first_step=True,
@@ -346,7 +348,7 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         **sharding.model_training_kwargs(plan.sharding, model, args.gradient_checkpointing),  # FSDP / DeepSpeed
     )
     # Length grouping reads the datasets' precomputed lengths instead of assembling every sample to measure it.
-    trainer = rd.with_dataset_lengths(ct.CompletionTrainer)(
+    trainer = samplers.with_dataset_lengths(ct.CompletionTrainer)(
         model=model,
         args=training_args,
         train_dataset=prepared.datasets["train"],
@@ -380,8 +382,9 @@ def save_final_model(args, trainer, merge_base: tuple[str, bool, str] | None = N
     if args.finetuning_type == "lora":
         if args.merge_lora and merge_base:
             source, local_only, dtype = merge_base
+            base = ml.load_plain_model(source, local_only, dtype, args.trust_remote_code)
             folder = adapters.save_merged_model(
-                args.output_dir, source, local_only, dtype, args.trust_remote_code,
+                args.output_dir, base,
                 lambda model, out: sharding.save_plain_model(model, trainer.processing_class, out, args.save_format))
             logger.info("--merge_lora: merged model written to %s", folder)
         return

@@ -20,6 +20,23 @@ _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuan
 
 
 
+# The one dtype vocabulary: the short names users type and records show (--dtype, precision modes, autocast) and
+# torch's attribute names (``getattr(torch, name)``, what from_pretrained's dtype= and bitsandbytes take).
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)  # --dtype of evaluation and generation
+
+
+def torch_dtype_name(short: str) -> str:
+    """``bf16`` -> ``bfloat16`` (a torch attribute name)."""
+    return DTYPE_NAMES[short]
+
+
+def short_dtype_name(torch_name: str) -> str:
+    """``bfloat16`` -> ``bf16``."""
+    return {v: k for k, v in DTYPE_NAMES.items()}[torch_name]
+
+
+
 class UsageError(Exception):
     """A user error: reported as one line ``error: <message>`` on stderr, exit code 2, no traceback."""
 

@@ -40,7 +40,7 @@ def douban_dmr_dir() -> Path:
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen BPE vocabulary (offline), eos == pad == <|endoftext|> like Qwen2.5 base."""
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
 
     return load_qwen_tokenizer()
 
@@ -48,7 +48,7 @@ def qwen_tokenizer():
 @pytest.fixture(scope="session")
 def bpe_tokenizer(example_data_file):
     """Tiny byte-level BPE trained on the example file (make_tiny_model's default vocab size); eos == pad."""
-    from review_lm.tiny_model import train_bpe_tokenizer
+    from review_lm.testing.tiny_model import train_bpe_tokenizer
 
     return train_bpe_tokenizer([str(example_data_file)], 2000)
 
@@ -56,7 +56,7 @@ def bpe_tokenizer(example_data_file):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random Qwen2 with a 1000-token byte-level BPE trained on the example file (one per test module)."""
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe",
                            corpus=[str(REPO_ROOT / "example_movie_review_data.json")], vocab_size=1000,

@@ -1,6 +1,6 @@
 """The eager encoder: every sample's ids built directly from the prompt pieces, one sample at a time.
 
-Production uses the lazy ``review_lm.dataset`` (pieces stored once, samples assembled on demand). This is the
+Production uses the lazy ``review_lm.data.spec_dataset`` (pieces stored once, samples assembled on demand). This is the
 plain computation it replaces, kept only as the tests' oracle: ``tests/test_review_dataset.py`` checks that both
 give the same ids, labels, history counts and truncation for every sample.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import data_loader_movie_review as dl
 from data_loader_movie_review import IGNORE_INDEX, PromptBuilder, ReviewDataError, Sample
-from review_lm.dataset import EncodedSample
+from review_lm.data.spec_dataset import EncodedSample
 
 __all__ = ["SampleTokenizer", "dl"]
 

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from review_lm import fault_tolerance as ft
+from review_lm.runs import checkpoints as ft
+from review_lm.training import efficiency
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "train_distributed_MovieReview.py")
@@ -148,11 +149,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 def run_plan(runtime, quantization=None):
     """A RunPlan around a RuntimePlan (``plan.plan_runtime``), for tests of what the model is loaded with."""
-    from review_lm import completion_training as ct
-    from review_lm import plan, sharding
+    from review_lm.training import plan, sharding
 
-    efficiency = ct.plan_efficiency(False, False, runtime.attention, False)
-    return plan.RunPlan(runtime, efficiency, quantization, sharding.ShardingPlan("none"), 1, 16)
+    chosen = efficiency.plan_efficiency(False, False, runtime.attention, False)
+    return plan.RunPlan(runtime, chosen, quantization, sharding.ShardingPlan("none"), 1, 16)
 
 
 # Long runs as a user starts them: a process that can be watched, signalled and killed.

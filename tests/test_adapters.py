@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import train_distributed_MovieReview as tr
-from review_lm import adapters
-from review_lm import model_loading as ml
-from review_lm import plan as rp
+from review_lm.runs import checkpoints
+from review_lm.training import adapters, model_setup
+from review_lm.training import plan as rp
 from tests.helpers import (
     EXAMPLE,
     REPO,
@@ -113,7 +113,7 @@ def test_quantization_config_reaches_from_pretrained(monkeypatch):
                         (model, base, quantized))
     plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), False), adapters.plan_quantization(4, True, True))
     args = args_for("--finetuning_type", "lora", "--quantization_bit", "4")
-    assert ml.load_training_model(args, "Qwen/Qwen2.5-3B", False, plan) == ("model", "Qwen/Qwen2.5-3B", True)
+    assert model_setup.load_training_model(args, "Qwen/Qwen2.5-3B", False, plan) == ("model", "Qwen/Qwen2.5-3B", True)
     config = seen["quantization_config"]
     assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
@@ -137,16 +137,16 @@ def test_resume_must_match_the_checkpoint_kind(tmp_path):
     full_ckpt = tmp_path / "checkpoint-10"
     full_ckpt.mkdir()
     (full_ckpt / "model.safetensors").write_text("x")
-    assert adapters.checkpoint_kind(str(lora_ckpt)) == "lora"
-    assert adapters.checkpoint_kind(str(full_ckpt)) == "full"
-    assert adapters.checkpoint_kind(str(tmp_path / "nope")) is None
+    assert checkpoints.checkpoint_kind(str(lora_ckpt)) == "lora"
+    assert checkpoints.checkpoint_kind(str(full_ckpt)) == "full"
+    assert checkpoints.checkpoint_kind(str(tmp_path / "nope")) is None
     with pytest.raises(tr.UsageError, match="holds a full fine-tuning checkpoint"):
-        adapters.check_resume(str(full_ckpt), "lora")
+        checkpoints.check_resume(str(full_ckpt), "lora")
     with pytest.raises(tr.UsageError,
                        match="holds a lora fine-tuning checkpoint; resume it with --finetuning_type lora"):
-        adapters.check_resume(str(lora_ckpt), "full")
-    adapters.check_resume(str(lora_ckpt), "lora")
-    adapters.check_resume(None, "full")
+        checkpoints.check_resume(str(lora_ckpt), "full")
+    checkpoints.check_resume(str(lora_ckpt), "lora")
+    checkpoints.check_resume(None, "full")
 
 
 def test_base_model_is_recorded_as_given_or_absolute(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Tests for review_lm.chat_format: conversation pieces, prefix consistency with the tokenizer's own chat
+"""Tests for review_lm.data.chat_layout: conversation pieces, prefix consistency with the tokenizer's own chat
 template (Qwen3 files, Qwen2.5's ChatML template, no template), labels, windows, and the loss of each review in
 one forward pass of the whole conversation == its loss in a sequence cut right after it."""
 
@@ -10,7 +10,9 @@ import random
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import chat_format as cf
+from review_lm.data import chat_layout as cf
+from review_lm.data import windows as wn
+from review_lm.data.prompts import IGNORE_INDEX
 from tests.helpers import QWEN25_TEMPLATE
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -156,7 +158,7 @@ def test_generation_prompts_are_prefixes_of_the_conversation(formats, real_users
         tokens = fmt.encode_conversation(system, turns)
         whole = tokens.input_ids()
         text = fmt.conversation_text(system, turns)
-        window = cf.encode_window(tokens, cf.Window(0, len(turns), tuple(range(len(turns)))))
+        window = wn.encode_window(tokens, wn.Window(0, len(turns), tuple(range(len(turns)))))
         for k in range(len(turns)):
             prompt = fmt.generation_prompt(system, turns[:k], turns[k][0])
             assert whole[: len(prompt.input_ids)] == prompt.input_ids
@@ -178,16 +180,16 @@ def test_pieces_ids_equal_the_whole_texts_ids_on_all_real_users(formats, real_us
     fmt = formats[name]
     for user in [*real_users, example_user]:
         for use_profile in (True, False):
-            tokens = cf.check_conversation_ids(fmt, system_text(user, use_profile), user_turns(user))
+            tokens = wn.check_conversation_ids(fmt, system_text(user, use_profile), user_turns(user))
             assert len(tokens) == len(user.reviews)
-        cf.check_conversation_ids(fmt, None, user_turns(user)[:5])
+        wn.check_conversation_ids(fmt, None, user_turns(user)[:5])
 
 
 def test_check_functions_catch_differences(formats):
     fmt = formats["qwen3-template"]
     # a review that starts with whitespace merges with the header's newline in the whole text
     with pytest.raises(cf.ChatFormatError, match="differ from the whole text's ids"):
-        cf.check_conversation_ids(fmt, "S", [("请为电影《A》写一条影评：", "\n\n好")])
+        wn.check_conversation_ids(fmt, "S", [("请为电影《A》写一条影评：", "\n\n好")])
     # Qwen3's template rewrites an assistant message containing </think>: the pieces no longer match it
     with pytest.raises(cf.ChatFormatError, match="differ from the template's rendering"):
         fmt.check_against_template("S", [("r", "a</think>b"), ("r2", "c")])
@@ -277,7 +279,7 @@ def assert_labels_are_the_answer_spans(fmt: cf.ChatFormat, tokens: cf.Conversati
             inside.update(range(start, end))
     for pos, label in enumerate(enc.labels):
         if pos not in inside:
-            assert label == cf.IGNORE_INDEX, pos
+            assert label == IGNORE_INDEX, pos
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
@@ -288,14 +290,14 @@ def test_labels_only_on_labelled_reviews(formats, real_users, name):
         n_train, n_val, _ = dl.split_sizes(len(turns), *dl.DEFAULT_RATIOS[:2])
         tokens = fmt.encode_conversation(system_text(user), turns)
         for labelled in (range(n_train), range(n_train, n_train + n_val), range(len(turns))):
-            enc = cf.encode_window(tokens, cf.Window(0, len(turns), tuple(labelled)))
+            enc = wn.encode_window(tokens, wn.Window(0, len(turns), tuple(labelled)))
             assert enc.input_ids == tokens.input_ids()
             assert_labels_are_the_answer_spans(fmt, tokens, enc, turns)
-            labelled_count = sum(label != cf.IGNORE_INDEX for label in enc.labels)
+            labelled_count = sum(label != IGNORE_INDEX for label in enc.labels)
             assert labelled_count == sum(len(tokens.answers[i]) for i in labelled)
             # no label on the separator after an end-of-turn, nor on any header / request / system token
             for _start, end in enc.answer_spans[:-1]:
-                assert enc.labels[end] == cf.IGNORE_INDEX and enc.input_ids[end - 1] == fmt.end_of_turn_id
+                assert enc.labels[end] == IGNORE_INDEX and enc.input_ids[end - 1] == fmt.end_of_turn_id
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,7 +328,7 @@ def check_plan(windows, turn_lengths, system_length, labelled, max_length, sep):
                     or context + t[w.start - 1] + turn_lengths[j] > budget), (w, j, context, want)
     # cost bound
     if windows:
-        total, once = cf.windows_cost(windows, turn_lengths, system_length, sep)
+        total, once = wn.windows_cost(windows, turn_lengths, system_length, sep)
         start, end = min(w.start for w in windows), max(w.end for w in windows)
         covered = sum(min(x, budget + sep) for x in t[start:end])
         m = max(t[start:end])
@@ -354,13 +356,13 @@ def test_windows_on_real_users_with_small_budgets(formats, real_users):
                 continue
             for split in range(3):
                 labelled = list(range(bounds[split], bounds[split + 1]))
-                windows = cf.plan_windows(lengths, system_length, labelled, max_length, sep,
+                windows = wn.plan_windows(lengths, system_length, labelled, max_length, sep,
                                           tokens.min_turn_lengths)
                 factor = check_plan(windows, lengths, system_length, labelled, max_length, sep)
                 if max_length == 4096:  # these histories (<= 3.5k tokens) fit in one window: no overhead
                     assert len(windows) <= 1 and factor == 1.0
                 for w in windows:
-                    enc = cf.encode_window(tokens, w, max_length)
+                    enc = wn.encode_window(tokens, w, max_length)
                     assert len(enc.input_ids) == w.length <= max_length
                     assert_labels_are_the_answer_spans(fmt, tokens, enc, turns)
                     if not w.truncated:  # a window is the conversation of its turns
@@ -380,7 +382,7 @@ def test_windows_brute_force_on_random_lengths():
                    for _ in range(n)]
         lengths = [max(1, x) for x in lengths]
         labelled = [i for i in range(n) if rng.random() < 0.6]
-        windows = cf.plan_windows(lengths, system_length, labelled, max_length, sep)
+        windows = wn.plan_windows(lengths, system_length, labelled, max_length, sep)
         check_plan(windows, lengths, system_length, labelled, max_length, sep)
 
 
@@ -388,13 +390,13 @@ def test_windows_one_window_when_the_history_fits(formats, example_user):
     fmt = formats["qwen3-template"]
     tokens = fmt.encode_conversation(system_text(example_user), user_turns(example_user))
     total = len(tokens.input_ids())
-    windows = cf.plan_windows(tokens.turn_lengths, len(tokens.system), range(19), total,
+    windows = wn.plan_windows(tokens.turn_lengths, len(tokens.system), range(19), total,
                               len(tokens.separator))
-    assert windows == [cf.Window(0, 19, tuple(range(19)), total - sum(tokens.turn_lengths[19:])
+    assert windows == [wn.Window(0, 19, tuple(range(19)), total - sum(tokens.turn_lengths[19:])
                                  - len(tokens.separator) * 9)]
-    assert cf.windows_cost(windows, tokens.turn_lengths, len(tokens.system), len(tokens.separator)) == \
+    assert wn.windows_cost(windows, tokens.turn_lengths, len(tokens.system), len(tokens.separator)) == \
         (windows[0].length, windows[0].length)
-    assert cf.plan_windows(tokens.turn_lengths, len(tokens.system), [], 10) == []
+    assert wn.plan_windows(tokens.turn_lengths, len(tokens.system), [], 10) == []
 
 
 def test_windows_truncation_and_errors(formats):
@@ -405,40 +407,40 @@ def test_windows_truncation_and_errors(formats):
     tokens = fmt.encode_conversation("任务: T", turns)
     system_length, sep = len(tokens.system), len(tokens.separator)
     max_length = 120
-    windows = cf.plan_windows(tokens.turn_lengths, system_length, [0, 1, 2], max_length, sep,
+    windows = wn.plan_windows(tokens.turn_lengths, system_length, [0, 1, 2], max_length, sep,
                               tokens.min_turn_lengths)
     assert [(w.start, w.end, w.labelled, w.truncated) for w in windows] == \
         [(0, 1, (0,), False), (1, 2, (1,), True), (2, 3, (2,), False)]  # nothing shares a window with B
-    enc = cf.encode_window(tokens, windows[1], max_length)
+    enc = wn.encode_window(tokens, windows[1], max_length)
     assert len(enc.input_ids) == max_length and enc.truncated
     assert enc.labels[-1] == fmt.end_of_turn_id and enc.input_ids[-1] == fmt.end_of_turn_id
     assert_labels_are_the_answer_spans(fmt, tokens, enc, turns)
     assert fmt.tokenizer.decode(enc.input_ids).startswith(fmt.conversation_text("任务: T", turns[1:2])[:60])
     with pytest.raises(cf.ChatFormatError, match="needs the max_length"):
-        cf.encode_window(tokens, windows[1])
+        wn.encode_window(tokens, windows[1])
 
     # the request alone does not fit next to the system piece
     tight = system_length + tokens.min_turn_lengths[1] - 1
     with pytest.raises(cf.ChatFormatError, match="too small for turn 1"):
-        cf.plan_windows(tokens.turn_lengths, system_length, [1], tight, sep, tokens.min_turn_lengths)
+        wn.plan_windows(tokens.turn_lengths, system_length, [1], tight, sep, tokens.min_turn_lengths)
     with pytest.raises(cf.ChatFormatError, match="leaves no review token"):
-        cf.encode_window(tokens, cf.plan_windows(tokens.turn_lengths, system_length, [1], tight, sep)[0], tight)
+        wn.encode_window(tokens, wn.plan_windows(tokens.turn_lengths, system_length, [1], tight, sep)[0], tight)
     # the system piece alone fills the budget
     with pytest.raises(cf.ChatFormatError, match="the system piece alone needs"):
-        cf.plan_windows(tokens.turn_lengths, system_length, [0], system_length, sep)
+        wn.plan_windows(tokens.turn_lengths, system_length, [0], system_length, sep)
     with pytest.raises(cf.ChatFormatError, match="labelled turns must be in"):
-        cf.plan_windows(tokens.turn_lengths, system_length, [3], 500, sep)
+        wn.plan_windows(tokens.turn_lengths, system_length, [3], 500, sep)
 
 
 def test_conversation_features(formats, example_user):
     fmt = formats["qwen3-template"]
     system, turns = system_text(example_user), user_turns(example_user)
-    [whole] = cf.conversation_features(fmt, system, turns)
+    [whole] = wn.conversation_features(fmt, system, turns)
     assert whole["input_ids"] == fmt.tokenizer(fmt.conversation_text(system, turns),
                                                add_special_tokens=False)["input_ids"]
-    windows = cf.conversation_features(fmt, system, turns, range(19), max_length=300)
+    windows = wn.conversation_features(fmt, system, turns, range(19), max_length=300)
     assert len(windows) > 1 and all(len(f["input_ids"]) <= 300 for f in windows)
-    labelled = sum(sum(label != cf.IGNORE_INDEX for label in f["labels"]) for f in windows)
+    labelled = sum(sum(label != IGNORE_INDEX for label in f["labels"]) for f in windows)
     assert labelled == sum(len(fmt.answer_ids(review)) for _, review in turns[:19])
 
 
@@ -472,7 +474,7 @@ def review_losses(model, ids: list[int], spans: list[tuple[int, int]]) -> list[f
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3", "qwen25", "builtin-eos"])
 def test_loss_of_each_review_in_one_pass_equals_its_cut_sequence(loss_formats, real_users, name):
-    from review_lm.tiny_model import build_tiny_model
+    from review_lm.testing.tiny_model import build_tiny_model
 
     fmt = loss_formats[name]
     model = build_tiny_model(fmt.tokenizer, hidden_size=32, num_layers=2, num_heads=4, max_positions=4096,
@@ -481,7 +483,7 @@ def test_loss_of_each_review_in_one_pass_equals_its_cut_sequence(loss_formats, r
     system, turns = system_text(user), user_turns(user)[:8]
     fmt.check_against_template(system, turns)
     tokens = fmt.encode_conversation(system, turns)
-    enc = cf.encode_window(tokens, cf.Window(0, len(turns), tuple(range(len(turns)))))
+    enc = wn.encode_window(tokens, wn.Window(0, len(turns), tuple(range(len(turns)))))
     one_pass = review_losses(model, enc.input_ids, enc.answer_spans)
     # the same losses from the labels, as a Trainer would compute them (mean over labelled tokens)
     import torch
@@ -499,7 +501,7 @@ def test_loss_of_each_review_in_one_pass_equals_its_cut_sequence(loss_formats, r
         assert alone == pytest.approx(one_pass[k], abs=1e-5), k
     # a window that starts mid-history: its reviews' losses == their cut sequences after the same turns
     start = 3
-    window = cf.encode_window(tokens, cf.Window(start, len(turns), tuple(range(start + 2, len(turns)))))
+    window = wn.encode_window(tokens, wn.Window(start, len(turns), tuple(range(start + 2, len(turns)))))
     in_window = review_losses(model, window.input_ids, window.answer_spans)
     for offset, k in enumerate(range(start, len(turns))):
         prompt = fmt.generation_prompt(system, turns[start:k], turns[k][0])

@@ -14,8 +14,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from review_lm import completion_training as ct
-from review_lm.tiny_model import build_tiny_model
+from review_lm.testing.tiny_model import build_tiny_model
+from review_lm.training import completion_training as ct
+from review_lm.training import efficiency
 from tests.helpers import EXAMPLE, read_config, run_train, write_reviews
 
 
@@ -31,7 +32,7 @@ from tests.helpers import EXAMPLE, read_config, run_train, write_reviews
     (False, "flash_attention_2", False, True, "variable-length"),
 ])
 def test_packing_choice_each_branch(disable, attention, custom, expected, reason_part):
-    packing, reason = ct.choose_packing(disable, attention, custom)
+    packing, reason = efficiency.choose_packing(disable, attention, custom)
     assert packing is expected
     assert reason_part in reason
 
@@ -42,18 +43,18 @@ def test_packing_choice_each_branch(disable, attention, custom, expected, reason
     (False, False, True, "logits_to_keep"),
 ])
 def test_completion_only_logits_choice_each_branch(disable, custom, expected, reason_part):
-    on, reason = ct.choose_completion_only_logits(disable, custom)
+    on, reason = efficiency.choose_completion_only_logits(disable, custom)
     assert on is expected
     assert reason_part in reason
 
 
 def test_plan_facts_and_length_grouping_only_without_packing():
-    packed = ct.plan_efficiency(False, False, "sdpa", False)
+    packed = efficiency.plan_efficiency(False, False, "sdpa", False)
     assert packed.facts() == {
-        "packing": True, "packing_reason": ct.PACKING_SAFE_ATTENTION["sdpa"], "completion_only_logits": True,
+        "packing": True, "packing_reason": efficiency.PACKING_SAFE_ATTENTION["sdpa"], "completion_only_logits": True,
         "completion_only_logits_reason": "LM head only at labelled positions (logits_to_keep)",
         "train_sampling_strategy": "random"}
-    padded = ct.plan_efficiency(True, True, "sdpa", False)
+    padded = efficiency.plan_efficiency(True, True, "sdpa", False)
     assert (padded.packing, padded.completion_only_logits, padded.train_sampling_strategy) == (
         False, False, "group_by_length")
 
@@ -286,7 +287,7 @@ def test_gradient_accumulation_gives_the_update_of_one_larger_batch(tmp_path, to
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def script_model(tmp_path_factory) -> str:
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)

@@ -1,8 +1,8 @@
-"""Tests for --prompt_format conversation end to end: the lazy conversation datasets (review_lm.conversation_dataset)
-against review_lm.chat_format's direct encoding, labels and windows on real users, the loss CompletionTrainer
-computes on packed / padded windows == each review's loss in a sequence cut right after it, generation prompts ==
-the training layout, the spec format with a chat template, and real CPU runs (train, resume, early stopping,
-evaluate, generate)."""
+"""Tests for --prompt_format conversation end to end: the lazy conversation datasets
+(review_lm.data.conversation_dataset) against review_lm.data.chat_layout's direct encoding, labels and windows on
+real users, the loss CompletionTrainer computes on packed / padded windows == each review's loss in a sequence cut
+right after it, generation prompts == the training layout, the spec format with a chat template, and real CPU runs
+(train, resume, early stopping, evaluate, generate)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import chat_format as cf
-from review_lm import dataset as rd
-from review_lm import plan as rp
-from review_lm import run_folder as rf
-from review_lm.conversation_dataset import ConversationDataset, new_review_prompt
-from review_lm.generation import split_at_eos, stop_token_ids
+from review_lm.data import chat_layout as cf
+from review_lm.data import datasets as rd
+from review_lm.data import windows as wn
+from review_lm.data.conversation_dataset import ConversationDataset, new_review_prompt
+from review_lm.data.prompts import IGNORE_INDEX
+from review_lm.inference.generation import split_at_eos, stop_token_ids
+from review_lm.runs import run_folder as rf
+from review_lm.training import plan as rp
 from review_lm.utils import UsageError
 from tests.helpers import (
     EXAMPLE,
@@ -139,7 +141,7 @@ def test_lazy_pieces_equal_chat_format_encoding_and_the_whole_text(tokenizers, r
     pieces = datasets["train"].pieces
     for row, user in enumerate(pieces.users):
         system, turns = system_and_turns(user)
-        direct = cf.check_conversation_ids(fmt, system, turns)  # == tokenizer(whole text), == the template's
+        direct = wn.check_conversation_ids(fmt, system, turns)  # == tokenizer(whole text), == the template's
         lazy = pieces.tokens(row, 0, len(turns))
         assert (lazy.system, lazy.separator, lazy.requests, lazy.answers) == (
             direct.system, direct.separator, direct.requests, direct.answers)
@@ -160,12 +162,12 @@ def test_every_review_of_a_split_is_labelled_exactly_once_and_nothing_else(token
             assert item["input_ids"] == enc.input_ids and len(item["input_ids"]) == ds.lengths[i]
             if max_length is not None:
                 assert len(item["input_ids"]) <= max_length
-            expected = [cf.IGNORE_INDEX] * len(enc.input_ids)
+            expected = [IGNORE_INDEX] * len(enc.input_ids)
             for start, end in labelled_spans(enc):
                 expected[start:end] = enc.input_ids[start:end]
                 assert enc.input_ids[end - 1] == fmt.end_of_turn_id  # each review's end-of-turn is labelled
             assert item["labels"] == expected
-            tokens += sum(label != cf.IGNORE_INDEX for label in item["labels"])
+            tokens += sum(label != IGNORE_INDEX for label in item["labels"])
             seen += [(int(ds.row[i]), j) for j in w.labelled]
         wanted = [(ds.pieces.row_of[s.user.index], s.position) for s in real_splits[split]]
         assert sorted(seen) == sorted(wanted) and len(set(seen)) == len(seen), split
@@ -247,6 +249,22 @@ def test_generation_prompts_are_the_training_layout(tokenizers, real_splits):
         assert rec.prompt.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("max_length", [None, 300, 90])
+def test_prompt_records_from_piece_lengths_equal_the_assembled_windows(tokenizers, real_splits, max_length):
+    """test_samples.json's records are summed from piece lengths; the plain computation assembles each window."""
+    _, datasets = conversation(real_splits, tokenizers["qwen25"], "tokenizer", max_length)
+    for name in ("val", "test"):
+        ds = datasets[name]
+        records = list(ds.prompt_records())
+        assert len(records) == ds.num_reviews
+        for k, rec in enumerate(records):
+            enc = ds.encoded(k)
+            assert (rec.sample, rec.prompt, rec.prompt_length, rec.history_count, rec.target_truncated) == \
+                (enc.sample, enc.prompt, enc.prompt_length, enc.history_count, enc.target_truncated)
+    if max_length == 90:  # a budget this small cuts some reviews: the truncated case is covered too
+        assert any(r.target_truncated for r in datasets["test"].prompt_records())
+
+
 def test_spec_with_a_chat_template_is_the_prompt_as_one_user_turn(tokenizers, example_data_file):
     tok = tokenizers["qwen3"]
     splits = dl.split_chronologically(dl.load_review_file(str(example_data_file)))
@@ -258,7 +276,7 @@ def test_spec_with_a_chat_template_is_the_prompt_as_one_user_turn(tokenizers, ex
         a, b = plain["train"].encoded(i), framed["train"].encoded(i)
         core = a.input_ids[:a.prompt_length]
         assert b.input_ids == prefix + core + suffix + a.input_ids[a.prompt_length:-1] + [fmt.end_of_turn_id]
-        assert b.labels[:b.prompt_length] == [cf.IGNORE_INDEX] * b.prompt_length
+        assert b.labels[:b.prompt_length] == [IGNORE_INDEX] * b.prompt_length
         assert b.labels[b.prompt_length:] == b.input_ids[b.prompt_length:]
         assert b.prompt == fmt.spec_prompt(a.prompt).text
         assert tok(b.prompt, add_special_tokens=False)["input_ids"] == b.input_ids[:b.prompt_length]
@@ -286,8 +304,8 @@ def test_trainer_loss_on_windows_equals_the_reviews_cut_sequences(tmp_path, loss
     import torch
     from transformers import TrainingArguments
 
-    from review_lm import completion_training as ct
-    from review_lm.tiny_model import build_tiny_model
+    from review_lm.testing.tiny_model import build_tiny_model
+    from review_lm.training import completion_training as ct
 
     tok, template = loss_tokenizers[name]
     splits = {k: [s for s in v if s.user.index < 3] for k, v in real_splits.items()}  # 3 users
@@ -401,7 +419,7 @@ def test_conversation_run_early_stops_and_resumes(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_template_tokenizer_preview_and_too_small_budget(tmp_path, qwen_tokenizer):
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     model = make_tiny_model(str(tmp_path / "qwen"), "qwen", hidden_size=16, num_layers=1, num_heads=2)
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import data_report
+from review_lm.data import report as data_report
 from tests.eager_encoder import SampleTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

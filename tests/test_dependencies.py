@@ -1,6 +1,6 @@
 """Only documented interfaces of our dependencies, and the few internals we cannot avoid each in one place.
 
-accelerate 1.16 removed ``accelerate.utils.constants.FSDP2_PYTORCH_VERSION``, which ``review_lm/sharding.py``
+accelerate 1.16 removed ``accelerate.utils.constants.FSDP2_PYTORCH_VERSION``, which ``review_lm/training/sharding.py``
 imported: every ``--fsdp`` run and a fresh clone's ``make test`` broke on a release none of our code changed.
 This file reads the code (no imports of it) and fails if any module of the package, a top-level script or a
 tool imports a private or undocumented name of torch / transformers / accelerate / peft / trl / datasets, or
@@ -29,14 +29,14 @@ STDLIB_PRIVATE = {"_exit"}
 # The internals no documented interface replaces: name -> (the one file that may use it, why).
 INTERNALS = {
     "transformers.trainer_pt_utils": (
-        "review_lm/dataset.py",
+        "review_lm/training/samplers.py",
         "LengthGroupedSampler (Trainer's own length grouping) is not exported from transformers' top level"),
     "_get_train_sampler": (
-        "review_lm/dataset.py",
+        "review_lm/training/samplers.py",
         "Trainer has no public hook to give group_by_length the lengths a lazy dataset already knows"),
-    "_get_eval_sampler": ("review_lm/dataset.py", "as _get_train_sampler, for evaluation"),
+    "_get_eval_sampler": ("review_lm/training/samplers.py", "as _get_train_sampler, for evaluation"),
     "_no_split_modules": (
-        "review_lm/adapters.py",
+        "review_lm/training/adapters.py",
         "the class attribute naming a model's decoder block; transformers has no public accessor for it"),
 }
 
@@ -121,22 +121,22 @@ def test_trainer_sampler_internals_exist_in_this_transformers():
         from transformers.trainer_pt_utils import LengthGroupedSampler
     except ImportError as err:  # pragma: no cover - only on a breaking release
         pytest.fail(f"{version} no longer has trainer_pt_utils.LengthGroupedSampler ({err}); "
-                    "update review_lm/dataset.py DatasetLengthsMixin")
+                    "update review_lm/training/samplers.py")
     assert "lengths" in inspect.signature(LengthGroupedSampler).parameters, \
-        f"{version}: LengthGroupedSampler no longer takes lengths=; update review_lm/dataset.py"
+        f"{version}: LengthGroupedSampler no longer takes lengths=; update review_lm/training/samplers.py"
     for method, argument in (("_get_train_sampler", "train_dataset"), ("_get_eval_sampler", "eval_dataset")):
-        assert hasattr(Trainer, method), f"{version}: Trainer.{method} is gone; update review_lm/dataset.py"
+        assert hasattr(Trainer, method), f"{version}: Trainer.{method} is gone; update review_lm/training/samplers.py"
         assert argument in inspect.signature(getattr(Trainer, method)).parameters, \
-            f"{version}: Trainer.{method} no longer takes {argument}; update review_lm/dataset.py"
+            f"{version}: Trainer.{method} no longer takes {argument}; update review_lm/training/samplers.py"
 
 
 def test_decoder_block_attribute_exists_in_this_transformers(tiny_model):
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from review_lm.adapters import decoder_layer_classes
+    from review_lm.training.adapters import decoder_layer_classes
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert decoder_layer_classes(model) == {"Qwen2DecoderLayer"}, (
         f"transformers {transformers.__version__}: _no_split_modules no longer names the decoder block; "
-        "update review_lm/adapters.py decoder_layer_classes")
+        "update review_lm/training/adapters.py decoder_layer_classes")

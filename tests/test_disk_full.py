@@ -8,7 +8,7 @@ import os
 import pytest
 
 import train_distributed_MovieReview as tr
-from review_lm import fault_tolerance as ft
+from review_lm.runs import checkpoints as ft
 from tests.helpers import EXAMPLE
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 import evaluate_movie_review as ev
-from review_lm import generation, metrics
-from review_lm import metrics as review_metrics
-from review_lm import model_loading as ml
-from review_lm.style_report import SYSTEM_KEYS
+from review_lm.evaluation import metrics
+from review_lm.evaluation import metrics as review_metrics
+from review_lm.evaluation.style_report import SYSTEM_KEYS
+from review_lm.inference import generation
+from review_lm.inference import model_loading as ml
+from review_lm.runs import test_set
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "evaluate_movie_review.py")
@@ -83,17 +85,17 @@ def tiny_run(tmp_path_factory, review_file) -> Path:
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
-    from review_lm import dataset as rd
-    from review_lm import run_folder as rf
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.data import datasets as rd
+    from review_lm.runs import run_folder as rf
+    from review_lm.testing.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_run")
     make_tiny_model(str(out), tokenizer_kind="bpe", corpus=[str(review_file)], vocab_size=500)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     splits = dl.split_chronologically(dl.load_review_file(str(review_file)))
     test = rd.build_datasets({"test": splits["test"]}, tokenizer, 512, dl.PromptBuilder())["test"]
-    rf.write_test_samples(str(out / rf.TEST_SAMPLES), test.encoded_samples())
-    rf.write_test_histories(str(out / rf.TEST_HISTORIES), splits["test"])
+    test_set.write_test_samples(str(out / rf.TEST_SAMPLES), test.encoded_samples())
+    test_set.write_test_histories(str(out / rf.TEST_HISTORIES), splits["test"])
     return out
 
 
@@ -106,9 +108,9 @@ def run_copy(tiny_run, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def test_samples(tiny_run) -> list[dict]:
     """The run's test samples, each with its earlier reviews as evaluation reads them (SampleSet)."""
-    from review_lm import run_folder as rf
+    from review_lm.runs import run_folder as rf
 
-    test = rf.load_test_samples(str(tiny_run / rf.TEST_SAMPLES))
+    test = test_set.load_test_samples(str(tiny_run / rf.TEST_SAMPLES))
     return [{**s, "earlier_reviews": test.earlier_reviews(i)} for i, s in enumerate(test.samples)]
 
 

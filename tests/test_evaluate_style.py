@@ -1,7 +1,7 @@
 """Evaluation's style metrics (attribution, stylometry, copying), --predictions and --style_pool, on real users.
 
 Test sets are written from the real douban_dmr users with the data loader's chronological split
-(``review_lm.synthetic.write_test_set``: no model needed); "predictions" are real reviews whose answer is known:
+(``review_lm.testing.synthetic.write_test_set``: no model needed); "predictions" are real reviews whose answer is known:
 the real test reviews themselves, or a stranger's reviews. Evaluation runs in-process (``ev.main``); the cases
 that need a fresh interpreter (exit code, no torch) run the CLI in a subprocess and are marked slow.
 """
@@ -18,10 +18,10 @@ import pytest
 
 import data_loader_movie_review as dl
 import evaluate_movie_review as ev
-from review_lm import style
-from review_lm.run_folder import load_test_samples
-from review_lm.style_report import SYSTEM_KEYS
-from review_lm.synthetic import write_test_set
+from review_lm.evaluation import style
+from review_lm.evaluation.style_report import SYSTEM_KEYS
+from review_lm.runs.test_set import load_test_samples
+from review_lm.testing.synthetic import write_test_set
 from tests.helpers import one_line_error, write_reviews
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from review_lm import fault_tolerance as ft
-from review_lm import run_folder as rf
-from review_lm import tracking
+from review_lm.runs import checkpoints as ft
+from review_lm.runs import launch
+from review_lm.runs import run_folder as rf
+from review_lm.training import graceful_stop, plan, process_group, tracking
 from review_lm.utils import UsageError
 from tests.helpers import (
     EXAMPLE,
@@ -148,42 +149,21 @@ def test_latest_complete_checkpoint_skips_incomplete_newer_ones_with_one_line_ea
 # Start decisions
 # --------------------------------------------------------------------------------------------------------------
 def test_restart_count_from_torchrun_environment():
-    assert ft.restart_count({}) == 0
-    assert ft.restart_count({"TORCHELASTIC_RESTART_COUNT": "0"}) == 0
-    assert ft.restart_count({"TORCHELASTIC_RESTART_COUNT": "2"}) == 2
-    assert ft.restart_count({"TORCHELASTIC_RESTART_COUNT": "x"}) == 0
+    assert launch.restart_count({}) == 0
+    assert launch.restart_count({"TORCHELASTIC_RESTART_COUNT": "0"}) == 0
+    assert launch.restart_count({"TORCHELASTIC_RESTART_COUNT": "2"}) == 2
+    assert launch.restart_count({"TORCHELASTIC_RESTART_COUNT": "x"}) == 0
 
 
 def test_only_a_distributed_restart_gets_its_own_store_prefix():
     """A restarted group must not read the dead group's rank addresses from torchrun's shared store."""
-    assert ft.restart_store_prefix({}) is None
-    assert ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "0", "WORLD_SIZE": "2"}) is None
-    assert ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "1"}) is None
-    first = ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "1", "WORLD_SIZE": "2"})
-    second = ft.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "2"})
+    assert launch.restart_store_prefix({}) is None
+    assert launch.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "0", "WORLD_SIZE": "2"}) is None
+    assert launch.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "1"}) is None
+    first = launch.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "1", "WORLD_SIZE": "2"})
+    second = launch.restart_store_prefix({"TORCHELASTIC_RESTART_COUNT": "2", "WORLD_SIZE": "2"})
     assert first and second and first != second
-    assert ft.isolate_restarted_process_group({"WORLD_SIZE": "2"}) is None  # first start: torch's own rendezvous
-
-
-@pytest.mark.parametrize(
-    ("state", "resume", "overwrite", "restarts", "expected"),
-    [
-        # First start: check_output_dir decides as before; overwrite removes only without a resume.
-        ("unfinished", None, False, 0, ft.StartPlan("check", None, False)),
-        ("finished", None, True, 0, ft.StartPlan("check", None, True)),
-        ("unfinished", "latest", True, 0, ft.StartPlan("check", "latest", False)),
-        # A torchrun restart resumes by itself, never deletes, and a finished run is left alone.
-        ("unfinished", None, False, 1, ft.StartPlan("resume", "latest", False)),
-        ("unfinished", None, True, 1, ft.StartPlan("resume", "latest", False)),
-        ("unfinished", "/old/checkpoint-2", False, 1, ft.StartPlan("resume", "latest", False)),
-        ("empty", None, True, 1, ft.StartPlan("resume", None, False)),
-        ("empty", "/old/checkpoint-2", False, 2, ft.StartPlan("resume", "/old/checkpoint-2", False)),
-        ("empty", "latest", False, 1, ft.StartPlan("resume", None, False)),
-        ("finished", None, False, 1, ft.StartPlan("finished", None, False)),
-    ],
-)
-def test_plan_start_each_branch(state, resume, overwrite, restarts, expected):
-    assert ft.plan_start(state, resume, overwrite, restarts) == expected
+    assert process_group.isolate_restarted_process_group({"WORLD_SIZE": "2"}) is None  # first start: torch does it
 
 
 def test_resolve_resume(tmp_path):
@@ -200,16 +180,16 @@ def test_resolve_resume(tmp_path):
 
 
 def test_checkpoint_schedule_each_branch():
-    assert ft.checkpoint_schedule(0, 0, True) == {"save_strategy": "epoch", "eval_strategy": "epoch"}
-    assert ft.checkpoint_schedule(0, 0, False) == {"save_strategy": "epoch", "eval_strategy": "no"}
+    assert plan.checkpoint_schedule(0, 0, True) == {"save_strategy": "epoch", "eval_strategy": "epoch"}
+    assert plan.checkpoint_schedule(0, 0, False) == {"save_strategy": "epoch", "eval_strategy": "no"}
     steps = {"save_strategy": "steps", "save_steps": 5, "eval_strategy": "steps", "eval_steps": 5}
-    assert ft.checkpoint_schedule(5, 0, True) == steps
-    assert ft.checkpoint_schedule(0, 5, True) == steps
-    assert ft.checkpoint_schedule(10, 5, True) == {**steps, "save_steps": 10}
-    assert ft.checkpoint_schedule(7, 3, False) == {"save_strategy": "steps", "save_steps": 7, "eval_strategy": "no"}
-    assert ft.checkpoint_schedule(0, 3, False) == {"save_strategy": "epoch", "eval_strategy": "no"}
+    assert plan.checkpoint_schedule(5, 0, True) == steps
+    assert plan.checkpoint_schedule(0, 5, True) == steps
+    assert plan.checkpoint_schedule(10, 5, True) == {**steps, "save_steps": 10}
+    assert plan.checkpoint_schedule(7, 3, False) == {"save_strategy": "steps", "save_steps": 7, "eval_strategy": "no"}
+    assert plan.checkpoint_schedule(0, 3, False) == {"save_strategy": "epoch", "eval_strategy": "no"}
     with pytest.raises(UsageError, match="--save_steps 7 must be a multiple of --eval_steps 3"):
-        ft.checkpoint_schedule(7, 3, True)
+        plan.checkpoint_schedule(7, 3, True)
 
 
 def test_schedule_reaches_training_arguments():
@@ -218,7 +198,7 @@ def test_schedule_reaches_training_arguments():
 
     for save, evaluate in ((5, 0), (0, 5), (10, 5), (0, 0)):
         targs = TrainingArguments(output_dir="unused", load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                                  use_cpu=True, report_to="none", **ft.checkpoint_schedule(save, evaluate, True))
+                                  use_cpu=True, report_to="none", **plan.checkpoint_schedule(save, evaluate, True))
         assert targs.save_steps == (save or evaluate or targs.save_steps)
 
 
@@ -263,7 +243,7 @@ def _step(callback, epoch: float, step: int):
 def test_signal_mid_epoch_saves_at_this_step_and_suppresses_the_partial_epoch_end():
     from transformers import TrainerControl
 
-    stop = ft.graceful_stop_callback(exit_now=lambda code: None)
+    stop = graceful_stop.graceful_stop_callback(exit_now=lambda code: None)
     _, control = _step(stop, 0.5, 3)
     assert not control.should_training_stop  # no signal: nothing changes
     stop._handle(signal.SIGTERM, None)
@@ -280,7 +260,7 @@ def test_signal_mid_epoch_saves_at_this_step_and_suppresses_the_partial_epoch_en
 def test_signal_on_an_epochs_last_step_keeps_its_evaluation_and_saves():
     from transformers import TrainerControl
 
-    stop = ft.graceful_stop_callback(exit_now=lambda code: None)
+    stop = graceful_stop.graceful_stop_callback(exit_now=lambda code: None)
     stop._handle(signal.SIGINT, None)
     state, control = _step(stop, 2.0, 8)
     assert control.should_training_stop and not control.should_save  # the epoch end saves
@@ -291,7 +271,7 @@ def test_signal_on_an_epochs_last_step_keeps_its_evaluation_and_saves():
 
 def test_second_signal_exits_at_once_and_handlers_are_restored():
     exits: list[int] = []
-    stop = ft.graceful_stop_callback(exit_now=exits.append)
+    stop = graceful_stop.graceful_stop_callback(exit_now=exits.append)
     before = signal.getsignal(signal.SIGINT)
     stop.on_train_begin(_Args(), None, None)
     assert signal.getsignal(signal.SIGINT) == stop._handle
@@ -309,7 +289,7 @@ def test_second_signal_exits_at_once_and_handlers_are_restored():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     """The same tiny model as test_train's fixture (built once for this module)."""
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)

@@ -21,9 +21,9 @@ import pytest
 
 import data_loader_movie_review as dl
 import generate_review as gr
-from review_lm import dataset as rd
-from review_lm import model_loading
-from review_lm import run_folder as rf
+from review_lm.data import datasets as rd
+from review_lm.inference import model_loading
+from review_lm.runs import run_folder as rf
 from tests.helpers import clean_env, one_line_error, run_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def two_users(example_data_file) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, two_users) -> Path:
     """One real (1-epoch) training run on a 2-user file, started from its own folder with a relative path."""
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     work = tmp_path_factory.mktemp("train")
     (work / "reviews.json").write_text(json.dumps(two_users, ensure_ascii=False), encoding="utf-8")

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from review_lm import completion_training as ct
+from review_lm.training import completion_training as ct
 from tests.helpers import EXAMPLE, read_config, run_train
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +29,7 @@ def _samples(eos: int, lengths=((20, 6), (9, 4), (30, 8))) -> list[dict]:
 
 
 def _model(tokenizer, attention: str, dtype):
-    from review_lm.tiny_model import build_tiny_model
+    from review_lm.testing.tiny_model import build_tiny_model
 
     model = build_tiny_model(tokenizer, hidden_size=128, num_layers=2, num_heads=4, max_positions=512, seed=0)
     model.set_attn_implementation(attention)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from review_lm import model_loading as ml
-from review_lm import run_folder as rf
+from review_lm.inference import model_loading as ml
+from review_lm.runs import run_folder as rf
 from review_lm.utils import UsageError
 
 EXAMPLE = str(Path(__file__).resolve().parent.parent / "example_movie_review_data.json")
@@ -63,7 +63,7 @@ def test_base_model_source(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     return Path(make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                                 vocab_size=500))
@@ -151,7 +151,7 @@ def test_adapter_with_a_moved_base_is_one_line_and_base_model_overrides(tiny, ad
 
 @pytest.mark.slow
 def test_adapter_on_the_wrong_base_is_one_line(adapter_dir, tmp_path):
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     other = make_tiny_model(str(tmp_path / "other"), tokenizer_kind="bpe", corpus=[EXAMPLE], vocab_size=500,
                             hidden_size=32)

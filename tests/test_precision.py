@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from review_lm import plan as rp
-from review_lm import precision as pr
+from review_lm.training import plan as rp
+from review_lm.training import precision as pr
 from review_lm.utils import UsageError
 from tests.helpers import (
     EXAMPLE,
@@ -192,7 +192,7 @@ def test_kahan_bf16_pure_tracks_bf16_mixed_where_plain_adamw_drifts(probe_model,
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_kind="bpe", corpus=[EXAMPLE],
                            vocab_size=1000, hidden_size=64, num_layers=2)
@@ -249,12 +249,15 @@ def test_precision_run_trains_early_stops_resumes_and_evaluates(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_bf16_on_a_gpu_without_it_is_refused_before_loading(tmp_path, monkeypatch, capsys):
-    """The decision runs before data and model: a bad --precision never loads anything."""
+    """The decision runs before the tokenizer and the model: a bad --precision never loads either (the data is
+    validated first, so a data error answers without torch)."""
     import train_distributed_MovieReview as tr
+    from review_lm.training import model_setup
 
     monkeypatch.setattr(tr, "probe_hardware", lambda args: rp.Hardware(cuda=True, bf16=False,
                                                                       compute_capability=(7, 0)))
-    monkeypatch.setattr(tr, "load_splits", lambda args: pytest.fail("data loaded before the precision check"))
+    monkeypatch.setattr(model_setup, "load_training_tokenizer",
+                        lambda *args: pytest.fail("tokenizer loaded before the precision check"))
     out = tmp_path / "run"
     code = tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--precision", "bf16-mixed",
                     "--report_to", "none"])

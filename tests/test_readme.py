@@ -21,7 +21,7 @@ import data_loader_movie_review as dl
 import evaluate_movie_review as ev
 import generate_review as gr
 import train_distributed_MovieReview as tr
-from review_lm.plan import validate_arguments
+from review_lm.training.plan import validate_arguments
 from tests.helpers import REPO
 
 SCRIPTS = {"train_distributed_MovieReview.py", "evaluate_movie_review.py", "generate_review.py",

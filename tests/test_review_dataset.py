@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import dataset as rd
-from review_lm import run_folder as rf
+from review_lm.data import datasets as rd
+from review_lm.data.spec_dataset import ReviewDataset
+from review_lm.runs import test_set
+from review_lm.training import samplers
 from tests.eager_encoder import SampleTokenizer
 from tests.helpers import EXAMPLE, one_line_error, read_config, run_train
 from tools.bench_loader import review_pool, synthetic_user
@@ -113,7 +115,7 @@ def test_lengths_come_without_assembling_any_sample(bpe_tokenizer, example_data_
     def refuse(self, i):
         raise AssertionError("a sample was assembled")
 
-    monkeypatch.setattr(rd.ReviewDataset, "input_ids", refuse)
+    monkeypatch.setattr(ReviewDataset, "input_ids", refuse)
     lazy = rd.build_datasets(splits, bpe_tokenizer, 250)
     assert lazy["train"].lengths.tolist() == [len(e.input_ids) for e in eager]
 
@@ -137,14 +139,14 @@ def test_trainer_length_grouping_reads_dataset_lengths(tiny_model, bpe_tokenizer
                               eval_dataset=datasets["val"], processing_class=bpe_tokenizer)
         with monkeypatch.context() as m:
             if not assemble:
-                m.setattr(rd.ReviewDataset, "input_ids", lambda self, i: pytest.fail("assembled a sample"))
+                m.setattr(ReviewDataset, "input_ids", lambda self, i: pytest.fail("assembled a sample"))
             train_sampler = trainer._get_train_sampler()
             eval_sampler = trainer._get_eval_sampler(datasets["val"])
             torch.manual_seed(0)
             return list(train_sampler), list(eval_sampler)
 
     reference = indices(Trainer, assemble=True)
-    ours = indices(rd.with_dataset_lengths(Trainer), assemble=False)
+    ours = indices(samplers.with_dataset_lengths(Trainer), assemble=False)
     assert ours == reference
     assert sorted(ours[0]) == list(range(len(datasets["train"])))
     lengths = datasets["train"].lengths
@@ -181,7 +183,7 @@ def test_thousands_of_users_load_without_materialising_samples(bpe_tokenizer, tm
     samples = sum(len(s) for s in splits.values())
     assert (len(data.users), samples) == (users, users * reviews)
 
-    monkeypatch.setattr(rd.ReviewDataset, "input_ids", lambda self, i: pytest.fail("assembled a sample"))
+    monkeypatch.setattr(ReviewDataset, "input_ids", lambda self, i: pytest.fail("assembled a sample"))
     tracemalloc.start()
     datasets = rd.build_datasets(splits, bpe_tokenizer, None)
     _, peak = tracemalloc.get_traced_memory()
@@ -224,9 +226,9 @@ def test_test_samples_from_prompt_records_equal_the_oracles_records(qwen_tokeniz
     encs = SampleTokenizer(qwen_tokenizer, 300).encode_split(real_dir_splits["test"])
     records = [dl.sample_record(e) for e in encs]
     test = rd.build_datasets({"test": real_dir_splits["test"]}, qwen_tokenizer, 300)["test"]
-    for name, items in (("some", rd.prompt_records(test)), ("none", [])):
+    for name, items in (("some", test.prompt_records()), ("none", [])):
         path = tmp_path / f"{name}.json"
-        rf.write_test_samples(str(path), items)
+        test_set.write_test_samples(str(path), items)
         text = path.read_text(encoding="utf-8")
         assert json.loads(text) == (records if name == "some" else [])
         assert len(text.splitlines()) == (len(records) + 2 if name == "some" else 1)  # one sample per line

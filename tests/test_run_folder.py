@@ -1,4 +1,4 @@
-"""Tests for review_lm/run_folder.py: the test-sample layouts evaluation reads, and the typed run record."""
+"""Tests for review_lm/runs/run_folder.py: the test-sample layouts evaluation reads, and the typed run record."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import run_folder as rf
+from review_lm.runs import run_folder as rf
+from review_lm.runs import test_set
 from review_lm.utils import UsageError
 
 
@@ -26,9 +27,9 @@ def example_test(example_data_file):
 
 
 def test_current_layout_gives_each_sample_its_earlier_reviews(tmp_path, example_test):
-    rf.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
-    rf.write_test_histories(str(tmp_path / rf.TEST_HISTORIES), example_test)
-    test = rf.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
+    test_set.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
+    test_set.write_test_histories(str(tmp_path / rf.TEST_HISTORIES), example_test)
+    test = test_set.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
     assert test.has_history
     for i, s in enumerate(example_test):
         assert test.earlier_reviews(i) == [r.text for r in s.history]
@@ -44,25 +45,25 @@ def test_earlier_layout_with_earlier_reviews_per_sample_still_reads(tmp_path, ex
     old = [{"prompt": "p", "reference": s.target.text, "user_index": 0, "earlier_reviews": [r.text for r in s.history]}
            for s in example_test]
     (tmp_path / rf.TEST_SAMPLES).write_text(json.dumps(old, ensure_ascii=False), encoding="utf-8")
-    test = rf.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
+    test = test_set.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
     assert test.has_history and test.histories is None
     assert test.all_earlier_reviews() == [r["earlier_reviews"] for r in old]
     assert test.reviews_before_test() == {0: old[0]["earlier_reviews"]}
 
 
 def test_without_histories_there_are_none(tmp_path, example_test):
-    rf.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
-    assert not rf.load_test_samples(str(tmp_path / rf.TEST_SAMPLES)).has_history
+    test_set.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
+    assert not test_set.load_test_samples(str(tmp_path / rf.TEST_SAMPLES)).has_history
 
 
 def test_histories_of_another_run_are_refused_in_one_line(tmp_path, example_test):
-    rf.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
-    rf.write_test_histories(str(tmp_path / rf.TEST_HISTORIES), example_test[:1])  # positions beyond its reviews
+    test_set.write_test_samples(str(tmp_path / rf.TEST_SAMPLES), [_Encoded(s) for s in example_test])
+    test_set.write_test_histories(str(tmp_path / rf.TEST_HISTORIES), example_test[:1])  # positions beyond its reviews
     with pytest.raises(UsageError, match=r"sample #1 .*the two files are not from the same run$"):
-        rf.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
+        test_set.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
     (tmp_path / rf.TEST_HISTORIES).write_text('{"format": "other"}', encoding="utf-8")
     with pytest.raises(UsageError, match="not a test_histories.json written by"):
-        rf.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
+        test_set.load_test_samples(str(tmp_path / rf.TEST_SAMPLES))
 
 
 @pytest.mark.parametrize(("files", "kind"), [

@@ -1,4 +1,4 @@
-"""review_lm.run_guard: fingerprints, the run lock (with real processes), the restart marker, disk space and
+"""review_lm.runs.lock: fingerprints, the run lock (with real processes), the restart marker, disk space and
 save failures. Fast: no torch import except in the real disk-full test (torch.save's errno-less error)."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from review_lm import disk_space as ds
-from review_lm import run_folder as rf
-from review_lm import run_guard as rg
+from review_lm.runs import disk_space as ds
+from review_lm.runs import fingerprint, launch, restart
+from review_lm.runs import lock as rg
+from review_lm.runs import run_folder as rf
 from review_lm.utils import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 # ==============================================================================================================
 # Fingerprint
 # ==============================================================================================================
+
+def recorded_holder(out) -> dict | None:
+    """The holder written into ``out``'s lock file (None: none, or released)."""
+    return rf.read_record(os.path.join(str(out), rf.LOCK_FILE))
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -48,7 +54,7 @@ def data(tmp_path):
 
 
 def test_files_digest_streams_and_changes_with_one_byte(tmp_path, monkeypatch):
-    big = write(tmp_path / "big.json", os.urandom(3 * rg._CHUNK + 17))
+    big = write(tmp_path / "big.json", os.urandom(3 * fingerprint._CHUNK + 17))
     reads = []
     real_open = open
 
@@ -67,65 +73,68 @@ def test_files_digest_streams_and_changes_with_one_byte(tmp_path, monkeypatch):
             return self.f.read(n)
 
     monkeypatch.setattr("builtins.open", lambda p, mode="r", *a, **k: Spy(real_open(p, mode, *a, **k)))
-    digest = rg.files_digest([big])
+    digest = fingerprint.files_digest([big])
     monkeypatch.undo()
-    assert reads and all(n == rg._CHUNK for n in reads)  # chunked, never the whole file at once
+    assert reads and all(n == fingerprint._CHUNK for n in reads)  # chunked, never the whole file at once
     import hashlib
 
     assert digest == hashlib.sha256((big.stat().st_size).to_bytes(8, "big") + big.read_bytes()).hexdigest()
     data = bytearray(big.read_bytes())
     data[12345] ^= 1
     big.write_bytes(bytes(data))
-    assert rg.files_digest([big]) != digest
+    assert fingerprint.files_digest([big]) != digest
 
 
 def test_files_digest_depends_on_order_and_file_boundaries_not_names(tmp_path):
     a, b = write(tmp_path / "a", b"ab"), write(tmp_path / "b", b"c")
     a2, b2 = write(tmp_path / "a2", b"a"), write(tmp_path / "b2", b"bc")
-    assert rg.files_digest([a, b]) != rg.files_digest([b, a])
-    assert rg.files_digest([a, b]) != rg.files_digest([a2, b2])  # same concatenation, other split
+    assert fingerprint.files_digest([a, b]) != fingerprint.files_digest([b, a])
+    assert fingerprint.files_digest([a, b]) != fingerprint.files_digest([a2, b2])  # same concatenation, other split
     moved = tmp_path / "elsewhere"
     moved.mkdir()
-    assert rg.files_digest([shutil.copy(a, moved / "x"), shutil.copy(b, moved / "y")]) == rg.files_digest([a, b])
+    copies = [shutil.copy(a, moved / "x"), shutil.copy(b, moved / "y")]
+    assert fingerprint.files_digest(copies) == fingerprint.files_digest([a, b])
 
 
 def test_fingerprint_is_plain_json_drops_resume_fields_and_is_stable(data):
-    fp = rg.run_fingerprint(ARGS, data, resolved={"world_size": 2})
+    fp = fingerprint.run_fingerprint(ARGS, data, resolved={"world_size": 2})
     assert json.loads(json.dumps(fp)) == fp  # exactly what reads back from the run folder
     assert fp["arguments"]["lora_target"] == ["q_proj", "v_proj"]
     assert not {"output_dir", "max_epochs", "logging_steps", "data_file", "report_to"} & set(fp["arguments"])
     assert fp["data"]["files"] == [str(p) for p in data] and fp["data"]["bytes"] == sum(p.stat().st_size for p in data)
-    again = rg.run_fingerprint(dict(reversed(list(ARGS.items())), max_epochs=9), data, resolved={"world_size": 2})
-    assert again == fp and rg.fingerprint_digest(again) == rg.fingerprint_digest(fp)
-    assert rg.fingerprint_differences(fp, again) == []
-    assert len(rg.fingerprint_digest(fp)) == 16
+    again = fingerprint.run_fingerprint(dict(reversed(list(ARGS.items())), max_epochs=9), data,
+                                        resolved={"world_size": 2})
+    assert again == fp and fingerprint.fingerprint_digest(again) == fingerprint.fingerprint_digest(fp)
+    assert fingerprint.fingerprint_differences(fp, again) == []
+    assert len(fingerprint.fingerprint_digest(fp)) == 16
 
 
 def test_one_changed_data_byte_is_named_in_the_differences(data):
-    before = rg.run_fingerprint(ARGS, data)
+    before = fingerprint.run_fingerprint(ARGS, data)
     data[1].write_bytes(b'{"b": 3}')  # same size, one byte
-    after = rg.run_fingerprint(ARGS, data)
-    assert rg.fingerprint_digest(after) != rg.fingerprint_digest(before)
-    assert rg.fingerprint_differences(before, after) == ["--data_file content changed"]
-    fewer = rg.run_fingerprint(ARGS, data[:1])
-    assert rg.fingerprint_differences(before, fewer) == ["--data_file content changed (2 files -> 1)"]
+    after = fingerprint.run_fingerprint(ARGS, data)
+    assert fingerprint.fingerprint_digest(after) != fingerprint.fingerprint_digest(before)
+    assert fingerprint.fingerprint_differences(before, after) == ["--data_file content changed"]
+    fewer = fingerprint.run_fingerprint(ARGS, data[:1])
+    assert fingerprint.fingerprint_differences(before, fewer) == ["--data_file content changed (2 files -> 1)"]
 
 
 def test_moved_data_files_with_the_same_content_are_the_same_run(tmp_path, data):
     other = tmp_path / "moved"
     other.mkdir()
     moved = [shutil.copy(p, other / p.name) for p in data]
-    a, b = rg.run_fingerprint(ARGS, data), rg.run_fingerprint(ARGS, moved)
-    assert rg.fingerprint_differences(a, b) == [] and rg.fingerprint_digest(a) == rg.fingerprint_digest(b)
+    a, b = fingerprint.run_fingerprint(ARGS, data), fingerprint.run_fingerprint(ARGS, moved)
+    assert fingerprint.fingerprint_differences(a, b) == []
+    assert fingerprint.fingerprint_digest(a) == fingerprint.fingerprint_digest(b)
 
 
 def test_each_kind_of_argument_difference_is_one_phrase(data):
-    old = rg.run_fingerprint(ARGS, data, resolved={"world_size": 2})
+    old = fingerprint.run_fingerprint(ARGS, data, resolved={"world_size": 2})
     new_args = {**ARGS, "max_length": 2048, "use_history": False, "lora_rank": 8, "lora_target": ["all"],
                 "model_path": "x" * 80}
     del new_args["seed"]
-    new = rg.run_fingerprint(new_args, data, resolved={"world_size": 4})
-    assert rg.fingerprint_differences(old, new) == [
+    new = fingerprint.run_fingerprint(new_args, data, resolved={"world_size": 4})
+    assert fingerprint.fingerprint_differences(old, new) == [
         "--lora_rank (unset) -> 8",
         "--lora_target q_proj v_proj -> all",
         "--max_length 4096 -> 2048",
@@ -134,52 +143,52 @@ def test_each_kind_of_argument_difference_is_one_phrase(data):
         "--use_history on -> off",
         "world_size 2 -> 4",
     ]
-    assert rg.fingerprint_differences({**old, "version": 0}, new) == [
+    assert fingerprint.fingerprint_differences({**old, "version": 0}, new) == [
         "run fingerprint format 0 -> 1 (cannot compare)"]
 
 
 # ---- resume_decision, branch by branch -------------------------------------------------------------------------
 @pytest.fixture
 def fps(data):
-    same = rg.run_fingerprint(ARGS, data)
-    return same, dict(same), rg.run_fingerprint({**ARGS, "batch_size": 4, "max_length": 2048}, data)
+    same = fingerprint.run_fingerprint(ARGS, data)
+    return same, dict(same), fingerprint.run_fingerprint({**ARGS, "batch_size": 4, "max_length": 2048}, data)
 
 
 def test_resume_without_a_recorded_fingerprint_warns(fps):
-    action, message = rg.resume_decision(None, fps[0], False, 3, 3, "out/x")
+    action, message = fingerprint.resume_decision(None, fps[0], False, 3, 3, "out/x")
     assert action == "resume" and "out/x has no run fingerprint" in message
 
 
 def test_resume_with_other_settings_is_refused_naming_each_difference(fps):
-    action, message = rg.resume_decision(fps[0], fps[2], False, 3, 3, "out/x")
+    action, message = fingerprint.resume_decision(fps[0], fps[2], False, 3, 3, "out/x")
     assert action == "refuse" and "\n" not in message
     assert "--batch_size 2 -> 4; --max_length 4096 -> 2048" in message and "out/x" in message
 
 
 def test_a_difference_is_refused_even_when_epochs_grow_on_a_finished_run(fps):
-    assert rg.resume_decision(fps[0], fps[2], True, 3, 10).action == "refuse"
+    assert fingerprint.resume_decision(fps[0], fps[2], True, 3, 10).action == "refuse"
 
 
 def test_same_run_unfinished_resumes_silently(fps):
-    assert rg.resume_decision(fps[0], fps[1], False, 3, 3) == ("resume", None)
-    assert rg.resume_decision(fps[0], fps[1], False, None, 3) == ("resume", None)  # epochs not recorded
+    assert fingerprint.resume_decision(fps[0], fps[1], False, 3, 3) == ("resume", None)
+    assert fingerprint.resume_decision(fps[0], fps[1], False, None, 3) == ("resume", None)  # epochs not recorded
 
 
 def test_max_epochs_may_not_shrink(fps):
-    action, message = rg.resume_decision(fps[0], fps[1], False, 5, 3, "out/x")
+    action, message = fingerprint.resume_decision(fps[0], fps[1], False, 5, 3, "out/x")
     assert action == "refuse" and "may only grow" in message and "5" in message
 
 
 def test_finished_run_is_refused_unless_epochs_grow(fps):
-    action, message = rg.resume_decision(fps[0], fps[1], True, 3, 3, "out/x")
+    action, message = fingerprint.resume_decision(fps[0], fps[1], True, 3, 3, "out/x")
     assert action == "refuse" and "already finished; nothing to resume" in message
-    assert rg.resume_decision(fps[0], fps[1], True, None, 5).action == "refuse"  # cannot tell that it grows
-    action, message = rg.resume_decision(fps[0], fps[1], True, 3, 5, "out/x")
+    assert fingerprint.resume_decision(fps[0], fps[1], True, None, 5).action == "refuse"  # cannot tell that it grows
+    action, message = fingerprint.resume_decision(fps[0], fps[1], True, 3, 5, "out/x")
     assert action == "resume" and "finished with --max_epochs 3; training on to 5 epochs" in message
 
 
 def test_unfinished_run_with_more_epochs_says_so(fps):
-    action, message = rg.resume_decision(fps[0], fps[1], False, 3, 5)
+    action, message = fingerprint.resume_decision(fps[0], fps[1], False, 3, 5)
     assert action == "resume" and "was started with --max_epochs 3; training on to 5" in message
 
 
@@ -189,7 +198,7 @@ def test_unfinished_run_with_more_epochs_says_so(fps):
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {repo!r})
-    from review_lm import run_guard as rg
+    from review_lm.runs import lock as rg
     from review_lm.utils import UsageError
     out, run_id, hold, go, release = sys.argv[1], sys.argv[2] or None, float(sys.argv[3]), sys.argv[4], sys.argv[5]
     while go and not os.path.exists(go):
@@ -246,11 +255,11 @@ def test_lock_creates_only_the_folder_and_lock_file_records_the_holder_and_relea
     with rg.RunLock(str(out), "r1") as lock:
         assert lock.held and lock.verified and lock.role == "leader"
         assert os.listdir(out) == [rf.LOCK_FILE]
-        holder = rg.lock_holder(str(out))
+        holder = recorded_holder(out)
         assert holder == lock.holder
         assert holder["pid"] == os.getpid() and holder["run_id"] == "r1" and holder["restart"] == 0
         assert holder["marker_at_start"] is None and holder["host"]
-    assert not lock.held and rg.lock_holder(str(out)) is None
+    assert not lock.held and recorded_holder(out) is None
     assert not out.exists()  # the lock made the folder and nothing else was written: left as it was found
     lock.release()  # idempotent
     out.mkdir(parents=True)
@@ -278,7 +287,7 @@ def test_second_launch_is_refused_at_once_naming_the_holder_then_takes_over_a_ki
     assert message.startswith(f"{out} is in use by another training run (pid {pid} on host ")
     assert message.endswith("); wait for it or choose another --output_dir") and "\n" not in message
     kill(holder)  # SIGKILL: no release; the kernel drops the flock, the holder text stays
-    assert rg.lock_holder(str(out))["pid"] == pid
+    assert recorded_holder(out)["pid"] == pid
     logs = []
     with rg.RunLock(str(out), "launch-b", log=logs.append) as lock:
         assert lock.holder["pid"] == os.getpid()
@@ -294,7 +303,7 @@ def test_ranks_of_the_same_launch_pass_and_others_wait_then_are_refused(tmp_path
     lock = rg.RunLock(str(out), "launch-a", environ=rank1).acquire()
     assert lock.role == "follower" and lock.verified and not lock.held and lock.holder["pid"] == pid
     lock.release()  # nothing to release: the leader still holds it
-    assert rg.lock_holder(str(out))["pid"] == pid
+    assert recorded_holder(out)["pid"] == pid
     with pytest.raises(UsageError, match=rf"waited 0.3 s .* held by another training run \(pid {pid} on host"):
         rg.RunLock(str(out), "launch-b", environ=rank1, timeout=0.3).acquire()
     assert leader.poll() is None  # the leader (holding for 60 s) still holds it: the follower gave up on its own
@@ -307,7 +316,7 @@ def test_follower_waits_for_its_leader(tmp_path, procs):
     procs.append(leader := child(out, "launch-a", go=str(go)))
     # The follower starts first (nothing recorded yet), then the leader takes the lock while it waits.
     follower = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from review_lm import run_guard "
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from review_lm.runs import lock "
          f"as rg; l = rg.RunLock({str(out)!r}, 'launch-a', environ={{'RANK': '1'}}, timeout=20).acquire(); "
          "print(l.holder['pid'])"], stdout=subprocess.PIPE, text=True)
     procs.append(follower)
@@ -373,12 +382,12 @@ def test_marker_at_start_is_what_the_leader_found(tmp_path):
 
 
 def test_launch_id():
-    assert rg.launch_id({}) is None
-    assert rg.launch_id({"TORCHELASTIC_RUN_ID": "a1b2"}) == "a1b2"
-    assert rg.launch_id({"TORCHELASTIC_RUN_ID": "none"}, agent="h:12:345") == "none@h:12:345"
-    parent = rg.launch_id({"TORCHELASTIC_RUN_ID": "none"})  # this process's parent stands in for the agent
+    assert launch.launch_id({}) is None
+    assert launch.launch_id({"TORCHELASTIC_RUN_ID": "a1b2"}) == "a1b2"
+    assert launch.launch_id({"TORCHELASTIC_RUN_ID": "none"}, agent="h:12:345") == "none@h:12:345"
+    parent = launch.launch_id({"TORCHELASTIC_RUN_ID": "none"})  # this process's parent stands in for the agent
     assert parent.startswith("none@") and f":{os.getppid()}:" in parent
-    assert rg.launch_id({"TORCHELASTIC_RUN_ID": "none"}) == parent  # stable
+    assert launch.launch_id({"TORCHELASTIC_RUN_ID": "none"}) == parent  # stable
 
 
 @pytest.mark.parametrize("env, role", [
@@ -387,7 +396,7 @@ def test_launch_id():
     ({"RANK": "9", "GROUP_RANK": "1"}, "other_node"),
 ])
 def test_lock_role(env, role):
-    assert rg.lock_role(env) == role
+    assert launch.lock_role(env) == role
 
 
 def test_describe_holder():
@@ -400,10 +409,10 @@ def test_describe_holder():
 TORCHRUN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {repo!r})
-    from review_lm import run_guard as rg
+    from review_lm.runs import lock as rg
     out, report = sys.argv[1], sys.argv[2]
     logs = []
-    lock = rg.RunLock(out, rg.launch_id(), log=logs.append, timeout=30).acquire()
+    lock = rg.RunLock(out, launch.launch_id(), log=logs.append, timeout=30).acquire()
     with open(report, "a") as f:
         f.write(json.dumps({{"rank": os.environ["RANK"], "restart": lock.restart, "launch": lock.run_id,
                             "pid": os.getpid(), "holder": lock.holder["pid"], "verified": lock.verified,
@@ -479,7 +488,7 @@ OURS = {"run_id": "me", "phase": "started"}
     (1, False, "other/checkpoint-5", "empty", OURS, "me", ("resume", "other/checkpoint-5", False)),
 ])
 def test_plan_restart_each_branch(restarts, overwrite, resume, state, marker, run_id, expected):
-    plan = rg.plan_restart(restarts, overwrite, resume, state, marker, run_id, "out/x")
+    plan = restart.plan_restart(restarts, overwrite, resume, state, marker, run_id, "out/x")
     assert (plan.action, plan.resume, plan.remove_previous) == expected
     if restarts and plan.action != "resume" or plan.resume is None and restarts:
         assert plan.message and f"torchrun restart {restarts}" in plan.message and "\n" not in plan.message
@@ -489,10 +498,10 @@ def test_plan_restart_each_branch(restarts, overwrite, resume, state, marker, ru
 
 def test_plan_restart_messages_say_what_happens():
     old = {"run_id": "old", "phase": "started"}
-    assert "still holds a previous run" in rg.plan_restart(1, True, None, "unfinished", old, "me", "o").message
-    assert "first start" in rg.plan_restart(1, False, None, "unfinished", old, "me", "o").message
-    assert "starting from scratch" in rg.plan_restart(1, False, None, "empty", OURS, "me", "o").message
-    assert "starting again from c/1" in rg.plan_restart(1, False, "c/1", "empty", OURS, "me", "o").message
+    assert "still holds a previous run" in restart.plan_restart(1, True, None, "unfinished", old, "me", "o").message
+    assert "first start" in restart.plan_restart(1, False, None, "unfinished", old, "me", "o").message
+    assert "starting from scratch" in restart.plan_restart(1, False, None, "empty", OURS, "me", "o").message
+    assert "starting again from c/1" in restart.plan_restart(1, False, "c/1", "empty", OURS, "me", "o").message
 
 
 # ==============================================================================================================

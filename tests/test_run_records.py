@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from review_lm import run_folder as rf
+from review_lm.runs import run_folder as rf
 from tests.helpers import (
     EXAMPLE,
     REPO,

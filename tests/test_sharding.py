@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import train_distributed_MovieReview as tr
-from review_lm import sharding
+from review_lm.training import sharding
 from tests.helpers import EXAMPLE, read_config, run_train
 
 ZERO2 = sharding.SHIPPED_DEEPSPEED_CONFIGS[2]

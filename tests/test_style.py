@@ -1,4 +1,5 @@
-"""review_lm.style (attribution, stylometry, copying) and review_lm.predictions (the predictions file reader)."""
+"""review_lm.evaluation.style (attribution, stylometry, copying) and review_lm.evaluation.predictions (the
+predictions file reader)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 import data_loader_movie_review as dl
-from review_lm import style, stylometry
-from review_lm.predictions import read_predictions
+from review_lm.evaluation import attribution, style, stylometry
+from review_lm.evaluation.predictions import read_predictions
 from review_lm.utils import UsageError
 
 
@@ -66,9 +67,9 @@ def test_real_references_reach_twice_chance(evaluator):
 
 
 def test_nearest_centroid_path_also_separates_the_real_users(real):
-    model = style.AttributionModel.fit(real.history, svc_max_classes=2)
+    model = attribution.AttributionModel.fit(real.history, svc_max_classes=2)
     assert model.method == "nearest_centroid"
-    report = style.attribution_report(model, real.references, real.users)
+    report = attribution.attribution_report(model, real.references, real.users)
     assert report["attribution"] >= 2 * model.chance
 
 
@@ -101,7 +102,7 @@ def test_classifier_never_sees_test_references(real, evaluator):
     # ... while the histories do shape it: plant the string in one user's history and it is learnt.
     history = {k: list(v) for k, v in real.history.items()}
     history[real.users[0]].append(planted)
-    taught = style.AttributionModel.fit(history)
+    taught = attribution.AttributionModel.fit(history)
     assert "瀑鲸" in taught.vectorizer.vocabulary_
 
 
@@ -117,8 +118,8 @@ def test_single_user_without_pool_is_skipped_with_a_reason(real):
     user = real.users[0]
     idx = [i for i, u in enumerate(real.users) if u == user]
     args = ([user] * len(idx), [real.references[i] for i in idx], [real.earlier[i] for i in idx])
-    with pytest.raises(style.AttributionUnavailable, match="at least 2 candidate users"):
-        style.AttributionModel.fit({user: real.history[user]})
+    with pytest.raises(attribution.AttributionUnavailable, match="at least 2 candidate users"):
+        attribution.AttributionModel.fit({user: real.history[user]})
     single = style.StyleEvaluator(*args, history_by_user={user: real.history[user]})
     assert single.model is None
     assert single.skipped_reason and "\n" not in single.skipped_reason
@@ -141,10 +142,10 @@ def test_single_user_without_pool_is_skipped_with_a_reason(real):
 
 def test_pool_users_cannot_be_intended():
     with pytest.raises(ValueError, match="pool users must not be intended"):
-        style.AttributionModel.fit({"a": ["好看"], "b": ["难看"]}, pool_by_user={"a": ["一般"]})
-    model = style.AttributionModel.fit({"a": ["好看"]}, pool_by_user={"p": ["难看"]})
+        attribution.AttributionModel.fit({"a": ["好看"], "b": ["难看"]}, pool_by_user={"a": ["一般"]})
+    model = attribution.AttributionModel.fit({"a": ["好看"]}, pool_by_user={"p": ["难看"]})
     with pytest.raises(ValueError, match="pool user"):
-        style.attribution_report(model, ["好看"], ["p"])
+        attribution.attribution_report(model, ["好看"], ["p"])
 
 
 SMALL = {"a": ["今天的电影真好看！！", "好看好看！", "  ", ""],
@@ -152,15 +153,15 @@ SMALL = {"a": ["今天的电影真好看！！", "好看好看！", "  ", ""],
 
 
 def test_empty_texts_are_skipped_and_attributed_to_no_one():
-    model = style.AttributionModel.fit(SMALL)
+    model = attribution.AttributionModel.fit(SMALL)
     assert model.train_texts == 4 and model.classes == ["a", "b"]
     assert model.predict(["好看！", "boring plot", "", "  \n"]) == ["a", "b", None, None]
-    report = style.attribution_report(model, ["", "好看！"], ["a", "a"])
+    report = attribution.attribution_report(model, ["", "好看！"], ["a", "a"])
     assert report["attribution"] == 50.0
     # A user whose reviews are all empty is no class; its samples are excluded, not counted as misses.
-    model = style.AttributionModel.fit({**SMALL, "c": ["", " "]})
+    model = attribution.AttributionModel.fit({**SMALL, "c": ["", " "]})
     assert model.classes == ["a", "b"]
-    report = style.attribution_report(model, ["好看！", "whatever"], ["a", "c"])
+    report = attribution.attribution_report(model, ["好看！", "whatever"], ["a", "c"])
     assert report["attribution"] == 100.0 and report["attribution_excluded"] == 1
 
 

@@ -14,10 +14,11 @@ import pytest
 
 import data_loader_movie_review as dl
 import train_distributed_MovieReview as tr
-from review_lm import model_loading as ml
-from review_lm import plan as rp
-from review_lm import run_folder as rf
-from review_lm import run_report, tracking
+from review_lm.inference import model_loading as ml
+from review_lm.runs import run_folder as rf
+from review_lm.training import model_setup, tracking
+from review_lm.training import plan as rp
+from review_lm.training import report as run_report
 from tests.eager_encoder import SampleTokenizer
 from tests.helpers import (
     EXAMPLE,
@@ -149,7 +150,7 @@ def test_flash_attention_plan_reaches_from_pretrained(monkeypatch):
                         lambda source, **kwargs: seen.update(source=source, **kwargs) or "model")
     plan = run_plan(rp.plan_runtime(False, True, True, (8, 0), True))
     args = tr.parse_args(["--data_file", "d.json", "--output_dir", "out"])
-    assert ml.load_training_model(args, "/models/qwen", True, plan) == "model"
+    assert model_setup.load_training_model(args, "/models/qwen", True, plan) == "model"
     # bf16-mixed: fp32 master weights; FA2 runs on the bf16 activations autocast gives it.
     assert seen == {"source": "/models/qwen", "dtype": torch.float32, "attn_implementation": "flash_attention_2",
                     "trust_remote_code": False, "local_files_only": True,

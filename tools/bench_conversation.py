@@ -10,8 +10,8 @@ Offline, on the CPU. Three parts:
              gradient_checkpointing=False, as tools/bench_train.py configures it). Shapes: "tiny" (hidden 64 x 2
              layers, the real 152k Qwen vocabulary) on all users; "0.5b" (Qwen2.5-0.5B's shape, random weights) on
              a few users (--users_05b). Training only: no evaluation, no checkpoints inside the measured runtime.
-  synthetic  1,000 users x 100 reviews (review_lm.synthetic, real texts cycled), --max_length 4096: token counts,
-             windows and the windowing cost factor (counting only: nothing is trained)
+  synthetic  1,000 users x 100 reviews (review_lm.testing.synthetic, real texts cycled), --max_length 4096:
+             token counts, windows and the windowing cost factor (counting only: nothing is trained)
 
     .venv/bin/python tools/bench_conversation.py                        # everything (~10 min on 2 cores)
     .venv/bin/python tools/bench_conversation.py --parts counts synthetic
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 REAL_DIR = os.path.join(REPO, "..", "shared", "data", "douban_dmr")
+
+from tools.bench_train import run_worker  # noqa: E402 - one worker-process protocol for both benchmarks
+
 BATCH, ACCUMULATION = 2, 8
 
 
@@ -47,10 +49,10 @@ def prepare(data: list[str], prompt_format: str, max_length: int, users: int | N
     """(args, tokenizer, prepared data, steps per epoch) exactly as the trainer prepares them."""
     import data_loader_movie_review as dl
     import train_distributed_MovieReview as tr
-    from review_lm import dataset as rd
-    from review_lm import plan as rp
-    from review_lm.plan import optimizer_steps_per_epoch
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.data import datasets as rd
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
+    from review_lm.training import plan as rp
+    from review_lm.training.plan import optimizer_steps_per_epoch
 
     args = train_args(data, prompt_format, max_length, tempfile.mkdtemp(prefix="bench-conv-"))
     tokenizer = load_qwen_tokenizer()
@@ -83,8 +85,8 @@ def worker(spec: dict) -> dict:
     import dataclasses
 
     import train_distributed_MovieReview as tr
-    from review_lm.plan import Hardware, plan_hardware
-    from tools.bench_train import build_model, rss_bytes, trl_trainer
+    from review_lm.training.plan import Hardware, plan_hardware
+    from tools.bench_train import build_model, rss_bytes, trl_trainer  # the same model and TRL configuration
 
     config, shape = spec["config"], spec["shape"]
     prompt_format = "conversation" if config == "conversation" else "spec"
@@ -93,7 +95,7 @@ def worker(spec: dict) -> dict:
     items = [train[i] for i in range(len(train))]
     tokens = sum(len(item["input_ids"]) for item in items)
     labelled = sum(sum(label != -100 for label in item["labels"]) for item in items)
-    plan = plan_hardware(args, Hardware(), 1).with_data(args, len(train), False)
+    plan = plan_hardware(args, Hardware(), 1).with_splits(args, False).with_steps(args, len(train))
     prepared = dataclasses.replace(prepared, datasets={**prepared.datasets, "val": []})
     model = build_model(shape, tokenizer, spec["max_length"])
     if config == "trl":
@@ -108,20 +110,6 @@ def worker(spec: dict) -> dict:
             "tokens": tokens, "labelled": labelled, "optimizer_steps": trainer.state.global_step,
             "runtime_s": runtime, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_before_train_bytes": rss_before, "train_loss": result.metrics.get("train_loss")}
-
-
-def run_worker(spec: dict, timeout: int) -> dict | str:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {timeout} s"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return f"failed (exit {proc.returncode}): {tail[0][:300]}"
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def print_training(title: str, results: dict[str, dict | str]) -> None:
@@ -146,8 +134,8 @@ def print_training(title: str, results: dict[str, dict | str]) -> None:
 def synthetic(num_users: int, reviews: int, max_length: int) -> dict:
     import numpy as np
 
-    from review_lm import chat_format as cf
-    from review_lm.synthetic import review_pool, synthetic_user
+    from review_lm.data import windows as wn
+    from review_lm.testing.synthetic import review_pool, synthetic_user
 
     pool = review_pool(all_files=True)
     folder = tempfile.mkdtemp(prefix="bench-conv-synth-")
@@ -162,7 +150,7 @@ def synthetic(num_users: int, reviews: int, max_length: int) -> dict:
     once = total = 0
     for row in range(len(p.users)):
         windows = [train.window(i) for i in np.nonzero(train.row == row)[0]]
-        t, o = cf.windows_cost(windows, p.turn_lengths(row).tolist(), p.system_length(row), len(p.separator))
+        t, o = wn.windows_cost(windows, p.turn_lengths(row).tolist(), p.system_length(row), len(p.separator))
         total, once = total + t, once + o
     result["conversation"].update(windows_per_user=round(len(train) / len(p.users), 2),
                                   window_cost_factor=round(total / once, 3))
@@ -218,8 +206,8 @@ def main() -> int:
             results = {}
             for config in configs:
                 start = time.time()
-                results[config] = run_worker({"config": config, "shape": shape, "data": data,
-                                              "max_length": args.max_length, "users": users}, args.timeout)
+                results[config] = run_worker(__file__, {"config": config, "shape": shape, "data": data,
+                                                        "max_length": args.max_length, "users": users}, args.timeout)
                 print(f"   [{shape} / {config}: {time.time() - start:.0f} s]", flush=True)
             who = "all real users" if users is None else f"the {users} smallest real users"
             print_training(f"shape {shape}, {who}", results)

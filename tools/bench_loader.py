@@ -33,7 +33,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import data_loader_movie_review as dl  # noqa: E402
-from review_lm.synthetic import REPO, review_pool, synthetic_user  # noqa: E402
+from review_lm.testing.synthetic import REPO, review_pool, synthetic_user  # noqa: E402
 
 OLD_REF = "22f8345"  # the last commit before issue 9 (eager samples, one input file)
 
@@ -42,7 +42,7 @@ OLD_REF = "22f8345"  # the last commit before issue 9 (eager samples, one input 
 # Mode 1: one growing user
 # ------------------------------------------------------------------------------------------------------------
 def bench_sizes(args) -> int:
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
 
     tokenizer = load_qwen_tokenizer()
     pool = review_pool()
@@ -93,7 +93,7 @@ def write_synthetic_file(path: str, users: int, reviews: int, distinct: bool) ->
 def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
     """Runs in a fresh process: JSON file -> training-ready dataset, new or old path."""
     t0 = time.perf_counter()
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
 
     tokenizer = load_qwen_tokenizer()
     t_tok = time.perf_counter()
@@ -112,7 +112,7 @@ def child_build(path: str, max_length: int, old_loader: str | None) -> dict:
         t_end, peak, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cpu_seconds()
         extra = {"prompt_tokens": sum(len(f["input_ids"]) for v in ready.values() for f in v)}
     else:
-        from review_lm import dataset as rd
+        from review_lm.data import datasets as rd
 
         data = dl.load_review_data(path)
         splits = dl.split_chronologically(data)

@@ -37,7 +37,7 @@ def peak_rss_gib() -> float:
 def training_rows(seq_len: int, count: int) -> list[dict[str, list[int]]]:
     """``count`` rows of ``seq_len`` real-review tokens (the example file, repeated as needed)."""
     import data_loader_movie_review as dl
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
 
     tokenizer = load_qwen_tokenizer()
     text = "\n".join(s.target.text for s in dl.split_chronologically(
@@ -51,7 +51,7 @@ def worker(mode: str, steps: int, seq_len: int, rank: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config, Trainer, TrainingArguments
 
-    from review_lm import adapters
+    from review_lm.training import adapters
 
     torch.manual_seed(0)
     rows = training_rows(seq_len, steps)

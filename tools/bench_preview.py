@@ -4,7 +4,7 @@ checkout and for an earlier commit, side by side in one run (each run in a fresh
     python tools/bench_preview.py --users 10000 --reviews 100            # 1M reviews
     python tools/bench_preview.py --users 1000 --reviews 100 --old_ref fc1bb7d
 
-The data is synthetic (real Douban texts cycled, ``review_lm.synthetic``), written into a temporary folder and
+The data is synthetic (real Douban texts cycled, ``review_lm.testing.synthetic``), written into a temporary folder and
 removed afterwards; the tokenizer is the real Qwen vocabulary inside a tiny model folder (offline).
 """
 
@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from review_lm.synthetic import REPO, review_pool, synthetic_user  # noqa: E402
+from review_lm.testing.synthetic import REPO, review_pool, synthetic_user  # noqa: E402
 
 OLD_REF = "fc1bb7d"  # before test_samples.json stopped repeating each sample's history (issue 17)
 
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--reviews", type=int, default=100)
     parser.add_argument("--old_ref", default=OLD_REF, help="git commit to compare with ('' for none)")
     args = parser.parse_args()
-    from review_lm.tiny_model import make_tiny_model
+    from review_lm.testing.tiny_model import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.json")

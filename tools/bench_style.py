@@ -3,7 +3,7 @@
 Two parts:
 
 * **Real users** (every file of ../shared/data/douban_dmr, or ``--data``): the chronological test split is
-  written as a test set (``review_lm.synthetic.write_test_set``, no model), then real reviews are given to
+  written as a test set (``review_lm.testing.synthetic.write_test_set``, no model), then real reviews are given to
   ``evaluate_movie_review.py --predictions`` as if a model had written them, one kind per run:
     - ``own_last_train``: the user's last review before the test split (a copy of a training text);
     - ``own_random_train``: a random review of the same user from before the test split;
@@ -11,7 +11,7 @@ Two parts:
     - ``real_test``: the real test review itself (attribution = the ceiling).
   ``--compare`` then prints them side by side with the baselines and chance, and draws the chart.
 * **Scale** (``--scale_users N --scale_reviews M``, 0 users to skip): N synthetic users x M reviews (real texts
-  cycled, ``review_lm.synthetic.synthetic_user``); the style metrics of three systems (the two baselines and the
+  cycled, ``review_lm.testing.synthetic.synthetic_user``); the style metrics of three systems (the two baselines and the
   real test reviews) on the resulting test split, timed, next to the overlap metrics of one system.
 
     python tools/bench_style.py                        # real users + 100 and 1,000 users x 100 reviews
@@ -35,8 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import data_loader_movie_review as dl  # noqa: E402
 import evaluate_movie_review as ev  # noqa: E402
-from review_lm.run_folder import SampleSet, load_test_samples  # noqa: E402
-from review_lm.synthetic import REAL_DIR, REPO, review_pool, synthetic_user, write_test_set  # noqa: E402
+from review_lm.runs.run_folder import load_test_samples  # noqa: E402
+from review_lm.runs.test_set import SampleSet
+from review_lm.testing.synthetic import REAL_DIR, REPO, review_pool, synthetic_user, write_test_set  # noqa: E402
 
 KINDS = ("own_last_train", "own_random_train", "other_user_random", "real_test")
 
@@ -45,7 +46,7 @@ def fake_predictions(test: SampleSet, kind: str, seed: int) -> list[str]:
     """One real review per test sample, chosen by ``kind`` (see the module doc)."""
     rng = random.Random(seed)
     before = test.reviews_before_test()
-    users = [s.get("user_index", s.get("user")) for s in test.samples]
+    users = test.user_keys()
     if kind == "own_last_train":
         return [before[u][-1] if before[u] else "" for u in users]
     if kind == "own_random_train":
@@ -88,8 +89,8 @@ def real_users(data: list[str], out: str, seed: int) -> None:
 
 
 def scale(users: int, reviews: int, seed: int) -> None:
-    from review_lm.metrics import compute_baselines, compute_metrics, sample_rouge
-    from review_lm.style_report import style_metrics
+    from review_lm.evaluation.metrics import compute_baselines, compute_metrics, sample_rouge
+    from review_lm.evaluation.style_report import style_metrics
 
     pool = review_pool(all_files=True)
     with tempfile.TemporaryDirectory() as tmp:

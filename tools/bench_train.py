@@ -1,7 +1,7 @@
 """Benchmark: training throughput and peak memory of this trainer (default / optimisations off) vs TRL SFTTrainer.
 
 Offline, on the CPU (or one GPU where present). Every configuration trains the same random Qwen2 (same seed,
-the real Qwen vocabulary from tools/make_tiny_model.load_qwen_tokenizer) on the same samples (real Douban users,
+the real Qwen vocabulary from review_lm.testing.tiny_model.load_qwen_tokenizer) on the same samples (real Douban users,
 ../shared/data/douban_dmr/multi_user_4.json, built by this project's data loader), with the same batch,
 learning rate and epochs, each in a fresh subprocess so peak memory is its own. Printed side by side:
 tokens/s = non-pad tokens of the samples / Trainer's train_runtime, and peak memory (RSS on the CPU,
@@ -96,7 +96,7 @@ def select(lengths, how: str) -> list[int]:
 
 
 class SubsetWithLengths:
-    """Some samples of a review_dataset.ReviewDataset, keeping what the trainer reads (items, lengths)."""
+    """Some samples of a review_lm.data.spec_dataset.ReviewDataset, keeping what the trainer reads (items, lengths)."""
 
     def __init__(self, dataset, indices: list[int]):
         self.dataset, self.indices = dataset, indices
@@ -120,8 +120,11 @@ def rss_bytes() -> int:
 def worker(spec: dict) -> dict:
     import torch
 
+    import data_loader_movie_review as dl
     import train_distributed_MovieReview as tr
-    from review_lm.tiny_model import load_qwen_tokenizer
+    from review_lm.data import datasets as rd
+    from review_lm.testing.tiny_model import load_qwen_tokenizer
+    from review_lm.training.plan import plan_hardware, probe_hardware
 
     config, case = spec["config"], Case(**spec["case"])
     out = tempfile.mkdtemp(prefix="bench-")
@@ -132,7 +135,8 @@ def worker(spec: dict) -> dict:
                           "--warmup_steps", "0", "--report_to", "none", "--seed", "0", *flags])
     tokenizer = load_qwen_tokenizer()
     data, splits = tr.load_splits(args)
-    prepared = tr.prepare_data(args, data, splits, tokenizer)
+    prepared = rd.prepare_data(data, splits, tokenizer, args.max_length,
+                               dl.PromptBuilder(args.use_profile, args.use_history))
     train = SubsetWithLengths(prepared.datasets["train"], select(prepared.datasets["train"].lengths, case.samples))
     # Training only: no validation split (no evaluation inside train_runtime), no checkpoint saving.
     prepared = dataclasses.replace(prepared, datasets={
@@ -141,12 +145,11 @@ def worker(spec: dict) -> dict:
     tokens = sum(len(item["input_ids"]) for item in items)
     labelled = sum(sum(label != -100 for label in item["labels"]) - 1 for item in items)  # next-token targets
     model = build_model(case.shape, tokenizer, case.max_length)
-    plan = tr.detect_runtime(args)
+    plan = plan_hardware(args, probe_hardware(args), 1).with_splits(args, False).with_steps(args, len(train))
     if config.startswith("ours"):
-        trainer = tr.build_trainer(args, model, tokenizer, prepared, plan, "none")
+        trainer = tr.build_trainer(args, model, tokenizer, prepared, plan)
     else:
-        trainer = trl_trainer(args, model, tokenizer, items, plan,
-                              padding_free=config == "trl-padfree")
+        trainer = trl_trainer(args, model, tokenizer, items, plan.runtime, padding_free=config == "trl-padfree")
     trainer.args.save_strategy = "no"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -182,19 +185,25 @@ def trl_trainer(args, model, tokenizer, features: list[dict], plan, padding_free
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
-def run_config(data: str, case: Case, config: str, timeout: int) -> dict | str:
-    spec = json.dumps({"data": data, "config": config, "case": dataclasses.asdict(case)})
+def run_worker(script: str, spec: dict, timeout: int) -> dict | str:
+    """``script --worker SPEC`` in a fresh process (its own peak memory, nothing cached from another
+    configuration); its last ``RESULT {json}`` line, or one line saying why there is none. Shared with
+    tools/bench_conversation.py."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec], capture_output=True,
-                              text=True, env=env, timeout=timeout, cwd=REPO)
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout} s"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return f"failed (exit {proc.returncode}): {tail[0][:200]}"
+        return f"failed (exit {proc.returncode}): {tail[0][:300]}"
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_config(data: str, case: Case, config: str, timeout: int) -> dict | str:
+    return run_worker(__file__, {"data": data, "config": config, "case": dataclasses.asdict(case)}, timeout)
 
 
 def print_case(case: Case, results: dict[str, dict | str]) -> None:

@@ -1,0 +1,3 @@
+"""Scoring generated reviews: overlap metrics, style attribution, stylometry, copy rate, predictions files and
+the comparison of evaluated runs.
+"""

@@ -1,0 +1,327 @@
+"""The run folder: every file name in it, what state it is in, and its records (one owner for all of them).
+
+A training run's ``--output_dir`` holds the final model (full weights or a LoRA adapter), the tokenizer, the
+spec's data files (``test_samples.json``, ``training_samples_preview.txt``), ``loss_curve.png``, Trainer's
+``checkpoint-N/`` folders and, written last, ``training_config.json``: its presence means the run finished.
+Evaluation writes ``eval/`` inside it. Training, evaluation, generation, checkpoint checks and the inference
+loader all name these files through this module, and read ``training_config.json`` through
+:func:`read_run_record` only.
+
+No torch here: checking a folder or reading a record costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from review_lm.data import prompts
+from review_lm.data.chat_layout import RECORDED_TEMPLATES
+from review_lm.data.prompts import PROMPT_FORMATS
+from review_lm.data.reviews import ReviewData, ReviewDataError, Sample, read_json_file
+from review_lm.utils import UsageError, library_versions, write_json_atomic
+
+# --------------------------------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------------------------------
+RUN_RECORD = "training_config.json"  # written last by training: its presence means the run finished
+TEST_SAMPLES = "test_samples.json"
+TEST_HISTORIES = "test_histories.json"  # each test user's earlier reviews, once (baselines, style metrics)
+PREVIEW = "training_samples_preview.txt"
+LOSS_CURVE = "loss_curve.png"
+WANDB_ID_FILE = "wandb_run_id.txt"  # the W&B run id (never a key): a resumed run logs into the same W&B run
+LOCK_FILE = ".run.lock"  # flock'ed by the run's leader (runs.lock.RunLock); holds the holder while the run lives
+LAUNCH_MARKER = ".launch.json"  # which launch's files the folder holds (restart.plan_restart)
+FINGERPRINT_FILE = "run_fingerprint.json"  # what defines the run (arguments, data digest): resumes must match
+EVAL_DIR = "eval"
+PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
+METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
+STYLE_FIGURE = "style.png"  # inside EVAL_DIR: lengths, punctuation, attribution confusion (style_report)
+PREDICTIONS_EVAL_SUFFIX = "_eval"  # --predictions P.jsonl without --output_dir writes P_eval/ beside the file
+
+# What a model folder holds, as transformers and peft write it.
+CONFIG = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded weights
+FULL_WEIGHT_FILES = (*WEIGHT_FILES, *WEIGHT_INDEXES)
+FSDP_WEIGHTS_PREFIX = "pytorch_model_fsdp"  # FSDP's sharded checkpoint state
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_WEIGHTS = ADAPTER_WEIGHT_FILES[0]  # what peft's save_pretrained writes
+ADAPTER_MODEL_CARD = "README.md"  # peft writes it beside an adapter; ours only there
+MERGED_DIR = "merged"  # --merge_lora output, beside the adapter
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+# Trainer's checkpoints.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"  # written last by Trainer: its presence means rank 0 finished the save
+
+# Everything a run writes into output_dir; --overwrite_output_dir removes exactly these (never other files).
+RUN_ARTIFACTS = (
+    *WEIGHT_FILES, CONFIG, "generation_config.json", *TOKENIZER_FILES, RUN_RECORD, TEST_SAMPLES, TEST_HISTORIES,
+    PREVIEW, LOSS_CURVE, FINGERPRINT_FILE, "training_args.bin", EVAL_DIR, WANDB_ID_FILE, ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS, MERGED_DIR,
+)
+
+KIND_FULL, KIND_ADAPTER = "full", "lora-adapter"
+
+
+def path(folder: str, name: str) -> str:
+    return os.path.join(folder, name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a folder holds
+# --------------------------------------------------------------------------------------------------------------
+def model_kind(folder: str) -> str | None:
+    """:data:`KIND_FULL`, :data:`KIND_ADAPTER`, or None when the folder holds neither kind of model.
+
+    The one classifier of model folders (final outputs and checkpoints alike). Full weights win over an adapter
+    beside them: such a folder loads as the full model and needs neither peft nor the base model. FSDP's
+    sharded checkpoint states count as full weights. ``config.json`` alone counts as a full model, so that an
+    unreadable one fails in the loader with the loader's reason instead of a vague "not a model folder".
+    """
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    full_weights = bool(names & set(FULL_WEIGHT_FILES)) or any(n.startswith(FSDP_WEIGHTS_PREFIX) for n in names)
+    if full_weights and (CONFIG in names or ADAPTER_CONFIG not in names):
+        return KIND_FULL
+    if ADAPTER_CONFIG in names:
+        return KIND_ADAPTER
+    return KIND_FULL if CONFIG in names else None
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    return any(os.path.isfile(path(folder, name)) for name in TOKENIZER_MARKERS)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N for a folder named ``checkpoint-N``, else None."""
+    match = CHECKPOINT_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_names(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``output_dir``, oldest step first: the one lister of checkpoints."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(step, n) for n in os.listdir(output_dir)
+             if (step := checkpoint_step(n)) is not None and os.path.isdir(os.path.join(output_dir, n))]
+    return [n for _, n in sorted(found)]
+
+
+def output_dir_state(output_dir: str) -> str:
+    """'empty' (absent or nothing of ours), 'finished', or 'unfinished' (checkpoints but no final record)."""
+    if not os.path.isdir(output_dir):
+        return "empty"
+    if os.path.exists(path(output_dir, RUN_RECORD)):
+        return "finished"
+    return "unfinished" if checkpoint_names(output_dir) else "empty"
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
+    """Never overwrite a previous run silently."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir} exists and is not a directory")
+    state = output_dir_state(output_dir)
+    if resume is not None:
+        if resume == "latest" and state == "empty":
+            raise UsageError(f"--resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+        if resume != "latest" and not os.path.isdir(resume):
+            raise UsageError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+        return
+    if overwrite or state == "empty":
+        return
+    if state == "finished":
+        raise UsageError(f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
+                         "--overwrite_output_dir")
+    raise UsageError(f"--output_dir {output_dir} holds an unfinished run (checkpoints); pass "
+                     "--resume_from_checkpoint to continue it or --overwrite_output_dir to start over")
+
+
+def remove_previous_run(output_dir: str) -> list[str]:
+    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed."""
+    removed = []
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    ours = set(RUN_ARTIFACTS)
+    if ADAPTER_CONFIG in names:  # peft's model card sits beside the adapter it describes
+        ours.add(ADAPTER_MODEL_CARD)
+    for name in names:
+        target = path(output_dir, name)
+        if name in ours or checkpoint_step(name) is not None:
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            removed.append(name)
+    return removed
+
+
+KEEP_CHECKPOINTS = ("all", "best", "none")
+
+
+def checkpoints_to_remove(names: list[str], keep: str, best: str | None) -> list[str]:
+    """Which ``checkpoint-N`` folders ``--keep_checkpoints`` removes after a successful finish. Pure.
+
+    ``all``: none (the run keeps at most two while it trains: the best and the latest). ``best``: all but the
+    best one (``best``: its folder name; without a validation split the latest checkpoint, whose weights are the
+    final model's). ``none``: every one (the final model is saved beside them; nothing can be resumed then).
+    """
+    checkpoints = sorted((n for n in names if checkpoint_step(n) is not None), key=checkpoint_step)
+    if keep == "all" or not checkpoints:
+        return []
+    if keep == "none":
+        return checkpoints
+    kept = best if best in checkpoints else checkpoints[-1]
+    return [n for n in checkpoints if n != kept]
+
+
+def remove_checkpoints(output_dir: str, keep: str, best_checkpoint: str | None) -> tuple[list[str], int]:
+    """Apply ``--keep_checkpoints`` (after a successful finish only); return what was removed and its bytes."""
+    best = os.path.basename(os.path.normpath(best_checkpoint)) if best_checkpoint else None
+    removed = checkpoints_to_remove(checkpoint_names(output_dir), keep, best)
+    freed = 0
+    for name in removed:
+        folder = path(output_dir, name)
+        freed += sum(f.stat().st_size for f in os.scandir(folder) if f.is_file())  # Trainer's files are flat
+        for sub in (p for p in os.scandir(folder) if p.is_dir()):  # DeepSpeed's global_stepN/
+            freed += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(sub.path) for f in fs)
+        shutil.rmtree(folder)
+    return removed, freed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training_config.json: written by training, read by evaluation and generation
+# --------------------------------------------------------------------------------------------------------------
+DEFAULT_MAX_LENGTH = 4096  # the trainer's --max_length default (also for a record that does not hold one)
+
+
+def write_run_record(output_dir: str, record: dict[str, Any]) -> None:
+    write_json_atomic(path(output_dir, RUN_RECORD), record)
+
+
+def run_record(args, data: ReviewData, splits: dict[str, list[Sample]], resolved: dict[str, Any],
+               outcome: dict[str, Any], fingerprint_digest: str) -> dict[str, Any]:
+    """training_config.json: the arguments, every decision, the data, the result and the library versions."""
+    from review_lm.data.report import split_summary
+
+    return {
+        "arguments": vars(args),
+        "resolved": resolved,
+        "data": {
+            "file": ", ".join(os.path.abspath(p) for p in args.data_file),
+            "files": [os.path.abspath(f) for f in data.files],  # every file read (dirs expanded)
+            "users": len(data.users),
+            "reviews": data.num_reviews, "splits": split_summary(splits),
+        },
+        "result": outcome,
+        "fingerprint": fingerprint_digest,  # run_fingerprint.json holds the whole fingerprint
+        "versions": library_versions(("torch", "transformers", "accelerate", "peft", "wandb", "flash-attn",
+                                      "torch-optimi", "bitsandbytes", "deepspeed")),
+    }
+
+
+def _path_list(value: Any) -> list[str]:
+    """A path or a list of paths (``--data_file`` takes several since multi-file input) as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return []
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a finished run recorded about itself: what the prompt depends on, and the raw record."""
+
+    path: str
+    use_profile: bool
+    use_history: bool
+    max_length: int | None
+    data_files: list[str]  # as given to the trainer (relative to where it ran)
+    recorded_abs_files: list[str]  # the absolute paths the trainer recorded, if any
+    arguments: dict[str, Any] = field(repr=False)
+    raw: dict[str, Any] = field(repr=False)
+    prompt_format: str = "spec"  # --prompt_format (records older than it: spec)
+    chat_template: str = "none"  # the template training used (chat_layout.RECORDED_TEMPLATES; older: none)
+
+    @property
+    def builder(self) -> prompts.PromptBuilder:
+        return prompts.PromptBuilder(self.use_profile, self.use_history)
+
+
+def read_run_record(model_dir: str) -> RunRecord:
+    """The record of the finished run in ``model_dir``; a one-line UsageError for anything else."""
+    if not os.path.exists(model_dir):
+        raise UsageError(f"--model_dir {model_dir}: no such folder")
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"--model_dir {model_dir}: not a folder")
+    record_path = path(model_dir, RUN_RECORD)
+    if not os.path.isfile(record_path):
+        if checkpoint_names(model_dir):
+            raise UsageError(f"--model_dir {model_dir}: unfinished training run (checkpoints but no {RUN_RECORD}); "
+                             "let it finish or resume it with --resume_from_checkpoint")
+        raise UsageError(f"--model_dir {model_dir}: no {RUN_RECORD}, not a finished training run")
+    try:
+        config = read_json_file(record_path)
+    except ReviewDataError as err:
+        raise UsageError(str(err)) from None
+    arguments = config.get("arguments") if isinstance(config, dict) else None
+    if not isinstance(arguments, dict):
+        raise UsageError(f"{record_path}: no \"arguments\" object (not written by train_distributed_MovieReview.py?)")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    max_length = arguments.get("max_length", DEFAULT_MAX_LENGTH)
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise UsageError(f"{record_path}: arguments.max_length must be a positive integer, got {max_length!r}")
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    prompt_format = arguments.get("prompt_format") or "spec"
+    chat_template = resolved.get("chat_template") or "none"
+    if prompt_format not in PROMPT_FORMATS:
+        raise UsageError(f"{record_path}: arguments.prompt_format must be {' or '.join(PROMPT_FORMATS)}, got "
+                         f"{prompt_format!r}")
+    if chat_template not in RECORDED_TEMPLATES:
+        names = f"{', '.join(RECORDED_TEMPLATES[:-1])} or {RECORDED_TEMPLATES[-1]}"
+        raise UsageError(f"{record_path}: resolved.chat_template must be {names}, got "
+                         f"{chat_template!r}")
+    return RunRecord(
+        path=record_path,
+        prompt_format=prompt_format,
+        chat_template=chat_template,
+        use_profile=bool(arguments.get("use_profile", True)),
+        use_history=bool(arguments.get("use_history", True)),
+        max_length=max_length,
+        data_files=_path_list(arguments.get("data_file")),
+        recorded_abs_files=_path_list(data.get("files", data.get("file"))),
+        arguments=arguments,
+        raw=config,
+    )
+
+
+def recorded_arguments(model_dir: str) -> dict[str, Any] | None:
+    """The training run's arguments if ``model_dir`` holds a readable record (a model made by hand has none)."""
+    try:
+        return read_run_record(model_dir).arguments
+    except UsageError:
+        return None
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    """A small JSON record the run writes for itself (lock holder, launch marker, fingerprint): the object, or None
+    when the file is absent, empty, unreadable or not an object (a torn write counts as absent)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        value = json.loads(text) if text.strip() else None
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_json(file: str) -> Any:
+    """The data loader's JSON reading, with its one-line errors (missing, not UTF-8, bad JSON with position)."""
+    try:
+        return read_json_file(file)
+    except ReviewDataError as err:
+        raise UsageError(str(err)) from None
