@@ -63,6 +63,91 @@ def tiny_model(tmp_path_factory) -> str:
                            hidden_size=64, num_layers=2)
 
 
+# The example file as the data loader's tests read it (test_data_loader, test_prompts, test_token_budget).
+@pytest.fixture
+def example_records(example_data_file) -> list:
+    import json
+
+    from tests.helpers import records_of
+
+    with open(example_data_file, encoding="utf-8") as f:
+        obj = json.load(f)
+    return records_of(obj[0])
+
+
+@pytest.fixture
+def example_data(example_data_file):
+    import data_loader_movie_review as dl
+
+    return dl.load_review_file(str(example_data_file))
+
+
+@pytest.fixture
+def example_splits(example_data) -> dict:
+    import data_loader_movie_review as dl
+
+    return dl.split_chronologically(example_data)
+
+
+# Tokenizers and real conversations for the chat layout's tests (test_chat_format, test_chat_windows).
+@pytest.fixture(scope="module")
+def qwen25_tokenizer(qwen_tokenizer):
+    """The real Qwen vocabulary with Qwen2.5's chat template (a copy)."""
+    import copy
+
+    from tests.helpers import QWEN25_TEMPLATE
+
+    tok = copy.deepcopy(qwen_tokenizer)
+    tok.chat_template = QWEN25_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bpe_chatml(bpe_tokenizer):
+    """The tiny BPE (no template) with <|im_start|> / <|im_end|> added as special tokens (a copy)."""
+    import copy
+
+    from review_lm.data import chat_layout as cf
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    assert cf.add_chatml_tokens(tok) == 2
+    assert cf.add_chatml_tokens(tok) == 0
+    return tok
+
+
+@pytest.fixture(scope="module")
+def formats(qwen_tokenizer, qwen25_tokenizer, bpe_tokenizer, bpe_chatml):
+    """Every layout under test, by name."""
+    from review_lm.data import chat_layout as cf
+
+    return {
+        "qwen3-template": cf.ChatFormat(qwen_tokenizer, "auto"),
+        "qwen25-template": cf.ChatFormat(qwen25_tokenizer, "auto"),
+        "qwen-builtin": cf.ChatFormat(qwen_tokenizer, "none"),
+        "bpe-builtin-eos": cf.ChatFormat(bpe_tokenizer, "auto"),  # no template, no ChatML tokens
+        "bpe-builtin-chatml": cf.ChatFormat(bpe_chatml, "auto"),
+    }
+
+
+@pytest.fixture(scope="module")
+def real_data(douban_dmr_dir):
+    import data_loader_movie_review as dl
+
+    return dl.load_review_data([str(douban_dmr_dir)])
+
+
+@pytest.fixture(scope="module")
+def real_users(real_data):
+    return real_data.users
+
+
+@pytest.fixture(scope="module")
+def example_user(example_data_file):
+    import data_loader_movie_review as dl
+
+    return dl.load_review_file(str(example_data_file)).users[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: skipped (with the reason) on machines without it, such as CI."""
     import importlib.util

@@ -1,4 +1,5 @@
-"""Helpers shared by the test modules: run a script as a user would, write small review files, read run records.
+"""Helpers shared by the test modules: run a script as a user would, write small review files, read run records,
+build review files and read prompts for the data loader's tests, and the chat turns of a user for the chat layout's.
 
 Fixtures live in ``conftest.py``; test modules import these functions from here (never from each other).
 """
@@ -13,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import data_loader_movie_review as dl
+from review_lm.data import chat_layout as cf
 from review_lm.runs import checkpoints as ft
 from review_lm.training import efficiency
 
@@ -213,3 +216,83 @@ def worker_pid(agent_pid: int, local_rank: int) -> int:
         if f"LOCAL_RANK={local_rank}".encode() in environ:
             return pid
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under {agent_pid}")
+
+
+# Review files, prompts and the loader's CLI (test_data_loader, test_data_files, test_prompts, test_token_budget).
+MODULE_PATH = REPO / "data_loader_movie_review.py"
+TASK = "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式"
+REAL_FILES = ("multi_user_4.json", "user_3eeb2203.json", "user_cb8b084a.json")
+
+
+def review(text: str, movie: str = "电影", ts: str = "2015-01-01", prefix: str | None = None) -> dict:
+    return {"context": [], "continuation": text,
+            "continuation_prefix": f"{movie}: " if prefix is None else prefix, "timestamp": ts}
+
+
+def user_entry(name: str, records: list, description: str = TASK, extra_collections: tuple = ()) -> dict:
+    collections = [{"type": "movie_review", "type_desc": "豆瓣影评数据", "data": records}, *extra_collections]
+    return {"user": {"profile": {"name": name}},
+            "task": {"description": description, "task_behavior_collections": collections}}
+
+
+def records_of(entry: dict) -> list:
+    return entry["task"]["task_behavior_collections"][0]["data"]
+
+
+def write_json(path: Path, obj) -> str:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    return str(path)
+
+
+def load_obj(tmp_path: Path, obj, name: str = "data.json") -> dl.ReviewData:
+    return dl.load_review_file(write_json(tmp_path / name, obj))
+
+
+def all_samples(splits: dict) -> list:
+    return [s for name in dl.SPLITS for s in splits[name]]
+
+
+def folded(text: str) -> str:
+    return " ".join(text.split())
+
+
+def expected_history_lines(records: list) -> list[str]:
+    """History lines built straight from raw JSON records (independent of the module's helpers)."""
+    lines = []
+    for r in records:
+        prefix = r["continuation_prefix"]
+        assert prefix.endswith(": "), prefix
+        lines.append(f"  电影《{prefix.removesuffix(': ')}》: {folded(r['continuation'])}")
+    return lines
+
+
+def history_lines_in(prompt: str) -> list[str]:
+    return [line for line in prompt.split("\n") if line.startswith("  电影《")]
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def run_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, str(MODULE_PATH), *map(str, args)], capture_output=True,
+                          text=True, encoding="utf-8", cwd=REPO, env=env, timeout=timeout)
+
+
+# A user's conversation for the chat layout (test_chat_format, test_chat_windows); FORMAT_NAMES: the keys of
+# conftest's ``formats``.
+FORMAT_NAMES = ["qwen3-template", "qwen25-template", "qwen-builtin", "bpe-builtin-eos", "bpe-builtin-chatml"]
+
+
+def system_text(user: dl.UserHistory, use_profile: bool = True) -> str:
+    """What the loader will pass as the system text: the spec's header lines (profile optional, task always)."""
+    return dl.PromptBuilder(use_profile=use_profile).header(user).rstrip("\n")
+
+
+def request_text(review: dl.Review) -> str:
+    return dl.PromptBuilder.request(review.movie).rstrip("\n")
+
+
+def user_turns(user: dl.UserHistory) -> list[cf.Turn]:
+    return [(request_text(r), r.text) for r in user.reviews]
