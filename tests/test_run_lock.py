@@ -244,7 +244,7 @@ def test_describe_holder():
 TORCHRUN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {repo!r})
-    from review_lm.runs import lock as rg
+    from review_lm.runs import launch, lock as rg
     out, report = sys.argv[1], sys.argv[2]
     logs = []
     lock = rg.RunLock(out, launch.launch_id(), log=logs.append, timeout=30).acquire()
