@@ -36,9 +36,9 @@ import sys
 import time
 from typing import Any
 
-from review_lm import model_loading, run_folder, style
-from review_lm.comparison import compare, markdown_table, table_rows
-from review_lm.generation import Generated, GenerationSettings, generate_predictions
+from review_lm import bootstrap, model_loading, parallel_generation, resumable, run_folder, style
+from review_lm.comparison import compare, interval_rows, markdown_table, table_rows
+from review_lm.generation import Generated, GenerationSettings
 from review_lm.metrics import (
     compute_baselines,
     compute_metrics,
@@ -58,7 +58,7 @@ from review_lm.run_folder import (
     SampleSet,
     load_test_samples,
 )
-from review_lm.style_report import TABLE_LEGEND, load_style_pool, style_metrics
+from review_lm.style_report import TABLE_LEGEND, load_style_pool, sample_user_key, style_metrics
 from review_lm.utils import (
     ArgumentParser,
     UsageError,
@@ -140,6 +140,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: exists and is not a folder")
 
+    generating = not args.baselines_only and given is None
+    if not generating and parallel_generation.launched_processes(os.environ) > 1 \
+            and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under a launcher only generation is shared; the main process does everything else
     started = time.time()
     references = test.references
     baselines = compute_baselines(test.all_earlier_reviews(), args.seed) if test.has_history else None
@@ -147,7 +151,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
     record = None
-    if not args.baselines_only and given is None:
+    if generating:
         # The run's format decides the stop tokens (a conversation's reviews end with the end-of-turn token);
         # its test prompts are already in that format (test_samples.json), fed as their text's ids.
         record = run_folder.read_run_record(args.model_dir) if os.path.isfile(
@@ -156,8 +160,17 @@ def evaluate(args: argparse.Namespace) -> int:
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
                                       args.trust_remote_code, args.base_model,
                                       record.chat_template if record else "none")
-        generated = generate_predictions(args.model_dir, [s["prompt"] for s in test.samples], settings,
-                                         progress=not args.no_progress)
+        # Batches already in partial files of the same model, test file and settings are kept (a killed run
+        # resumes); partial files of anything else are refused here, before the model loads.
+        header = resumable.fingerprint(args.model_dir, test_file,
+                                       parallel_generation.fingerprint_settings(settings))
+        if os.path.isdir(out_dir):
+            resumable.read_done(out_dir, header)
+        generated = parallel_generation.generate_resumable(
+            args.model_dir, [s["prompt"] for s in test.samples], settings, out_dir, header,
+            progress=not args.no_progress)
+        if generated is None:
+            return 0  # not the main process: its batches are in its partial file, the main process scores
     outputs = generated.texts if generated is not None else given
 
     # Every system on the same samples: overlap with the real review, then does it write like this user?
@@ -169,6 +182,11 @@ def evaluate(args: argparse.Namespace) -> int:
                            {name: r["rougeL"] for name, r in rouge.items()}, STYLE_FIGURE)
     for name, numbers in styled.systems.items():
         scores[name].update(numbers)
+    intervals, sample_stats, user_codes = None, None, None
+    if args.bootstrap:  # 95% intervals of every score; the per-sample statistics let --compare pair runs
+        intervals, sample_stats, user_codes = bootstrap.evaluation_intervals(
+            systems, references, rouge, styled.evaluator, [sample_user_key(s) for s in test.samples], scores,
+            "model" if outputs is not None else None, args.bootstrap, args.seed)
 
     metrics = {
         "model": scores.get("model"),
@@ -195,6 +213,7 @@ def evaluate(args: argparse.Namespace) -> int:
             "seed": args.seed,
         } if baselines else None,
         "style": styled.section,
+        "intervals": intervals,
         "metric_definitions": {**metric_definitions(), **style.definitions()},
         "training_arguments": run_folder.recorded_arguments(args.model_dir) if args.model_dir else None,
         "versions": library_versions(("sacrebleu", "rouge-score", "scikit-learn", "rapidfuzz", "torch",
@@ -213,13 +232,19 @@ def evaluate(args: argparse.Namespace) -> int:
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     figure = os.path.join(out_dir, STYLE_FIGURE)
     styled.write_figure(figure)
+    if sample_stats is not None:
+        bootstrap.save_sample_scores(os.path.join(out_dir, bootstrap.SAMPLE_SCORES_FILE), sample_stats, user_codes,
+                                     metrics["references_sha256"])
     write_json_atomic(metrics_path, metrics)
+    resumable.remove_partials(out_dir)  # predictions.jsonl holds them all now
 
     print(f"{len(test.samples)} test samples from {test_file}" + (f", predictions from {args.predictions}"
                                                                   if given is not None else ""))
     for note in styled.notes:
         print(f"note: {note}")
-    print(markdown_table(table_rows(metrics, label)))
+    print(markdown_table(table_rows(metrics, label), interval_rows(metrics, label)))
+    if intervals:
+        print(f"±: half-width of the 95% interval ({intervals['method']})")
     if styled.systems:
         print(TABLE_LEGEND)
     if styled.per_user_table:
@@ -227,7 +252,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if generated is not None and any(generated.hit_limit):
         print(f"note: {sum(generated.hit_limit)} predictions stopped at --max_new_tokens {args.max_new_tokens} "
               "without EOS")
-    written = [os.path.join(out_dir, PREDICTIONS_FILE), *([figure] if styled.evaluator else []), metrics_path]
+    written = [os.path.join(out_dir, PREDICTIONS_FILE), *([figure] if styled.evaluator else []),
+               *([os.path.join(out_dir, bootstrap.SAMPLE_SCORES_FILE)] if sample_stats is not None else []),
+               metrics_path]
     print(f"\nwritten: {', '.join(written)}")
     return 0
 
@@ -261,6 +288,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from MODEL_DIR")
     p.add_argument("--base_model", help="base model of a LoRA adapter run, if not where adapter_config.json says")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--bootstrap", type=int, default=bootstrap.DEFAULT_RESAMPLES, metavar="N",
+                   help=f"bootstrap resamples for the 95%% intervals of every score (default "
+                        f"{bootstrap.DEFAULT_RESAMPLES}; 0 = no intervals)")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="compare evaluated runs (run dir, its eval dir, or a metrics.json) instead of evaluating")
     p.add_argument("--compare_out", default="comparison.png", help="chart written by --compare (./comparison.png)")
@@ -273,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_range("temperature", args.temperature, 0, inclusive=False)
         check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
         check_range("top_k", args.top_k, 0)
+        check_range("bootstrap", args.bootstrap, 0)
     except UsageError as err:
         p.error(str(err))
     return args

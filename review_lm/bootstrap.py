@@ -1,0 +1,411 @@
+"""Bootstrap confidence intervals for every headline score, and paired intervals between two runs.
+
+Why: on a test split of a few hundred reviews, two ablations 1 ROUGE-L point apart may differ by noise alone.
+Every score evaluation reports (BLEU, chrF, ROUGE-1/2/L, distinct-1/2, avg length, attribution, copy rate,
+style distance) gets a 95% interval from :data:`DEFAULT_RESAMPLES` resamples of the test samples.
+
+Resampling (:func:`resample_counts`): with one user, the test samples are drawn with replacement; with several
+users, the users are drawn with replacement first and then, inside each drawn user, that user's samples
+(a two-level / cluster bootstrap: a user's reviews are not independent of each other, so resampling samples
+alone would make the intervals too narrow). A replicate is a count per test sample (how often it was drawn),
+so every metric is computed from ``counts @ per-sample statistics`` in numpy instead of re-scoring strings:
+
+* BLEU / chrF are corpus-level: they are computed from summed sufficient statistics (sacrebleu's per-segment
+  n-gram counts, :func:`sample_statistics`), with sacrebleu's formulas re-written vectorised
+  (:func:`bleu_from_stats`, :func:`chrf_from_stats`; equal to ``corpus_score`` on the full set, tested).
+* ROUGE, avg length, attribution, copy rate: (weighted) means of per-sample values.
+* distinct-n: unique n-grams among the drawn samples / all drawn n-grams (a duplicated sample repeats its
+  n-grams, which pulls the ratio down: this ratio alone is reported with the bootstrap bias removed,
+  see :func:`interval`).
+* style distance: per-user feature means of outputs and references from the same drawn samples, in units of
+  the full reference set's std (held fixed), as in :func:`review_lm.stylometry.style_distance`.
+
+Interval: the percentile interval of the replicates (2.5th and 97.5th percentile); ``--compare`` uses the same
+counts for both runs (a **paired** bootstrap on the same test samples), so the difference of a run with itself
+is exactly [0, 0]. Cost (2 CPU cores, 1,000 resamples): ~0.1 s per system for a few hundred samples; distinct-n
+dominates at scale (unique n-grams per replicate, ~nnz(n-grams) x resamples operations).
+
+The per-sample statistics of each system are written to ``sample_scores.npz`` beside metrics.json, so that
+``--compare`` can pair runs without re-scoring them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 1000
+CONFIDENCE = 0.95
+SAMPLE_SCORES_FILE = "sample_scores.npz"  # beside metrics.json: per-sample statistics of every system
+MAX_BLOCK = 20_000_000  # floats per dense block when counting unique n-grams (bounds memory to ~160 MB)
+# Scores reported with an interval, in table order; the first three are corpus-level and need statistics.
+KEYS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "avg_length", "attribution",
+        "copy_rate", "style_distance")
+BIAS_CORRECTED = ("distinct_1", "distinct_2")
+UNBOUNDED = ("avg_length", "style_distance")  # the others are shares on 0-100
+METHOD = ("percentile bootstrap, {resamples} resamples, seed {seed}; resampling unit: {unit}; "
+          "distinct-n intervals shifted by the bootstrap bias (a drawn duplicate repeats its n-grams)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resampling
+# --------------------------------------------------------------------------------------------------------------
+def group_codes(keys: Sequence[Hashable]) -> np.ndarray:
+    """Dense group codes 0..U-1 in first-appearance order."""
+    index: dict[Hashable, int] = {}
+    return np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
+
+
+def resample_counts(codes: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) draw counts: users with replacement, then each drawn user's samples with replacement.
+
+    One user: plain resampling of the n samples. Drawing user u m times and then n_u of its samples each time
+    is one multinomial draw of m * n_u samples over its n_u samples (numpy draws all replicates at once).
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    n = len(codes)
+    rng = np.random.default_rng(seed)
+    if n == 0:
+        return np.zeros((resamples, 0), dtype=np.int64)
+    users = int(codes.max()) + 1
+    counts = np.zeros((resamples, n), dtype=np.int64)
+    if users == 1:
+        counts[:] = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples)
+        return counts
+    drawn = rng.integers(0, users, size=(resamples, users))
+    times = np.stack([np.bincount(row, minlength=users) for row in drawn])  # (resamples, users)
+    for u in range(users):
+        members = np.flatnonzero(codes == u)
+        k = len(members)
+        counts[:, members] = rng.multinomial(times[:, u] * k, np.full(k, 1.0 / k))
+    return counts
+
+
+def interval(point: float | None, replicates: np.ndarray, bias_corrected: bool = False,
+             confidence: float = CONFIDENCE) -> list[float] | None:
+    """[low, high] percentile interval of ``replicates`` (NaN replicates, e.g. no attributable sample drawn, are
+    left out). ``bias_corrected``: shifted by point - mean(replicates), for a statistic whose replicates are
+    biased by construction (distinct-n)."""
+    if point is None or (isinstance(point, float) and math.isnan(point)):
+        return None
+    values = replicates[~np.isnan(replicates)]
+    if values.size == 0:
+        return None
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    if bias_corrected:
+        shift = point - float(values.mean())
+        low, high = low + shift, high + shift
+    return [float(low), float(high)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-sample statistics of one system
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class SampleStats:
+    """Everything a replicate of one system's scores needs, one row per test sample (in test order)."""
+    bleu: np.ndarray  # (n, 2 + 2 * 4): sys_len, ref_len, correct 1-4, total 1-4 (sacrebleu's segment statistics)
+    chrf: np.ndarray  # (n, 3 * 6): hyp, ref, match counts per char order
+    rouge: dict[str, np.ndarray]  # rouge1/2/L F1 (0-1)
+    length: np.ndarray  # characters
+    ngrams: dict[int, tuple[np.ndarray, np.ndarray]]  # n -> (per-sample offsets (n+1,), n-gram ids): distinct-n
+    attribution: np.ndarray | None = None  # 1 hit, 0 miss, NaN not attributable; None without attribution
+    copy: np.ndarray | None = None  # 1 near-copy, 0 not
+    features: np.ndarray | None = None  # (n, f) style features
+    reference_features: np.ndarray | None = None
+    scale: np.ndarray | None = None  # (f,) the std used by style_distance
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """Flat name -> array, for ``np.savez``."""
+        out = {f"{prefix}bleu": self.bleu, f"{prefix}chrf": self.chrf, f"{prefix}length": self.length}
+        out.update({f"{prefix}{k}": v for k, v in self.rouge.items()})
+        for n, (offsets, ids) in self.ngrams.items():
+            out[f"{prefix}ngram{n}_offsets"], out[f"{prefix}ngram{n}_ids"] = offsets, ids
+        for name in ("attribution", "copy", "features", "reference_features", "scale"):
+            if getattr(self, name) is not None:
+                out[f"{prefix}{name}"] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_arrays(cls, data: Mapping[str, np.ndarray], prefix: str) -> SampleStats:
+        def get(name: str) -> np.ndarray | None:
+            return data[prefix + name] if prefix + name in data else None
+
+        ngrams = {n: (data[f"{prefix}ngram{n}_offsets"], data[f"{prefix}ngram{n}_ids"]) for n in (1, 2)}
+        return cls(data[prefix + "bleu"], data[prefix + "chrf"], {k: data[prefix + k] for k in ROUGE},
+                   data[prefix + "length"], ngrams, get("attribution"), get("copy"), get("features"),
+                   get("reference_features"), get("scale"))
+
+
+ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
+def _ngram_ids(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per text, ids of its n-grams (ids dense within this call), as CSR offsets + ids."""
+    from review_lm.metrics import CharTokenizer
+
+    tokenizer, index = CharTokenizer(), {}
+    offsets, ids = [0], []
+    for text in texts:
+        units = tokenizer.tokenize(text)
+        ids.extend(index.setdefault(tuple(units[i:i + n]), len(index)) for i in range(len(units) - n + 1))
+        offsets.append(len(ids))
+    return np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+
+
+def sample_statistics(outputs: Sequence[str], references: Sequence[str],
+                      rouge: Mapping[str, Sequence[float]] | None = None) -> SampleStats:
+    """Per-sample statistics of the overlap metrics (:mod:`review_lm.metrics`' settings).
+
+    BLEU: each sample's ``BLEU(tokenize="zh").corpus_score`` fields (sys_len, ref_len, counts, totals: what a
+    corpus score sums; ~60 us a sample). chrF: per char order, hypothesis / reference / matching n-gram counts
+    from sacrebleu's ``extract_all_char_ngrams`` with CHRF()'s settings (CHRF keeps its own statistics
+    private). Both checked against ``corpus_score`` in the tests, so a change in sacrebleu shows there.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.metrics.helpers import extract_all_char_ngrams
+
+    from review_lm.metrics import sample_rouge
+
+    outputs, references = list(outputs), list(references)
+    rouge = sample_rouge(outputs, references) if rouge is None else rouge
+    scorer, settings = BLEU(tokenize="zh"), CHRF()
+    bleu, chrf = [], []
+    for output, reference in zip(outputs, references, strict=True):
+        one = scorer.corpus_score([output], [[reference]])
+        bleu.append([one.sys_len, one.ref_len, *one.counts, *one.totals])
+        row = []
+        hyp_grams = extract_all_char_ngrams(output, settings.char_order, settings.whitespace)
+        ref_grams = extract_all_char_ngrams(reference, settings.char_order, settings.whitespace)
+        for hyp, ref in zip(hyp_grams, ref_grams, strict=True):
+            row += [sum(hyp.values()), sum(ref.values()), sum((hyp & ref).values())]
+        chrf.append(row)
+    bleu_stats, chrf_stats = np.asarray(bleu, dtype=np.float64), np.asarray(chrf, dtype=np.float64)
+    return SampleStats(bleu_stats.reshape(len(outputs), -1), chrf_stats.reshape(len(outputs), -1),
+                       {k: np.asarray(rouge[k], dtype=np.float64) for k in ROUGE},
+                       np.asarray([len(t) for t in outputs], dtype=np.float64),
+                       {n: _ngram_ids(outputs, n) for n in (1, 2)})
+
+
+def add_style(stats: SampleStats, per_sample: Mapping[str, Any]) -> SampleStats:
+    """Attach :meth:`review_lm.style.StyleEvaluator.per_sample` results."""
+    stats.attribution = per_sample.get("attribution")
+    stats.copy = per_sample["copy"]
+    stats.features = per_sample["features"]
+    stats.reference_features = per_sample["reference_features"]
+    stats.scale = per_sample["scale"]
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scores from summed statistics (vectorised over replicates)
+# --------------------------------------------------------------------------------------------------------------
+def bleu_from_stats(summed: np.ndarray, order: int = 4) -> np.ndarray:
+    """sacrebleu BLEU (smooth 'exp', no effective order) of each row of summed segment statistics."""
+    summed = np.atleast_2d(summed).astype(np.float64)
+    sys_len, ref_len = summed[:, 0], summed[:, 1]
+    correct, total = summed[:, 2:2 + order], summed[:, 2 + order:2 + 2 * order]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bp = np.where(sys_len < ref_len, np.where(sys_len > 0, np.exp(1 - ref_len / np.maximum(sys_len, 1e-300)), 0.0),
+                      1.0)
+        # 'exp' smoothing: the k-th order without a match gets 100 / (2^k * total).
+        misses = np.cumsum(correct == 0, axis=1)
+        # An order with no n-gram at all (total 0) ends the loop in sacrebleu: it and all later stay 0.
+        reached = np.cumprod(total > 0, axis=1).astype(bool)
+        precision = np.where(correct > 0, 100.0 * correct / np.where(total > 0, total, 1),
+                             100.0 / (2.0 ** misses * np.where(total > 0, total, 1)))
+        precision = np.where(reached, precision, 0.0)
+        logs = np.where(precision > 0, np.log(np.where(precision > 0, precision, 1)), -9999999999.0)
+        score = bp * np.exp(logs.sum(axis=1) / order)
+    return np.where(correct.sum(axis=1) > 0, score, 0.0)
+
+
+def chrf_from_stats(summed: np.ndarray, beta: float = 2.0) -> np.ndarray:
+    """sacrebleu chrF (effective-order averaging, no eps smoothing) of each row of summed statistics."""
+    summed = np.atleast_2d(summed).astype(np.float64)
+    hyp, ref, match = summed[:, 0::3], summed[:, 1::3], summed[:, 2::3]
+    factor = beta ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prec = np.where(hyp > 0, match / np.where(hyp > 0, hyp, 1), 0.0)
+        rec = np.where(ref > 0, match / np.where(ref > 0, ref, 1), 0.0)
+        effective = (hyp > 0) & (ref > 0)
+        orders = effective.sum(axis=1)
+        avg_prec = np.where(orders > 0, (prec * effective).sum(axis=1) / np.maximum(orders, 1), 0.0)
+        avg_rec = np.where(orders > 0, (rec * effective).sum(axis=1) / np.maximum(orders, 1), 0.0)
+        denom = factor * avg_prec + avg_rec
+        f_score = 100 * (1 + factor) * avg_prec * avg_rec / np.where(denom > 0, denom, 1)
+    return np.where(avg_prec + avg_rec > 0, f_score, 0.0)
+
+
+def _weighted_mean(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per replicate: mean of the defined (non-NaN) values, each counted as often as drawn; NaN if none."""
+    defined = ~np.isnan(values)
+    num = counts @ np.where(defined, values, 0.0)
+    den = counts @ defined.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _distinct(counts: np.ndarray, offsets: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per replicate: 100 * unique n-grams among drawn samples / all drawn n-grams (duplicates counted)."""
+    import scipy.sparse as sp
+
+    n = len(offsets) - 1
+    per_sample = np.diff(offsets).astype(np.float64)
+    totals = counts @ per_sample
+    if ids.size == 0:
+        return np.zeros(len(counts))
+    rows = np.repeat(np.arange(n), np.diff(offsets))
+    incidence = sp.csr_matrix((np.ones(ids.size), (ids, rows)), shape=(int(ids.max()) + 1, n))  # (V, n)
+    incidence.data[:] = 1.0  # an n-gram repeated inside one sample is one column entry
+    unique = np.empty(len(counts))
+    block = max(1, MAX_BLOCK // incidence.shape[0])
+    for start in range(0, len(counts), block):
+        drawn = (counts[start:start + block] > 0).astype(np.float64).T  # (n, block)
+        unique[start:start + block] = ((incidence @ drawn) > 0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, 100.0 * unique / np.where(totals > 0, totals, 1), 0.0)
+
+
+def _style_distance(counts: np.ndarray, codes: np.ndarray, features: np.ndarray, reference: np.ndarray,
+                    scale: np.ndarray) -> np.ndarray:
+    """Per replicate: :func:`review_lm.stylometry.style_distance` on the drawn samples (weights = draw counts),
+    with the per-feature scale of the full test set held fixed."""
+    total_num = np.zeros(len(counts))
+    total_den = np.zeros(len(counts))
+    out_ok, ref_ok = ~np.isnan(features), ~np.isnan(reference)
+    out_filled, ref_filled = np.where(out_ok, features, 0.0), np.where(ref_ok, reference, 0.0)
+    for u in range(int(codes.max()) + 1):
+        members = np.flatnonzero(codes == u)
+        c = counts[:, members].astype(np.float64)  # (B, k)
+        weight = c.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out_mean = (c @ out_filled[members]) / (c @ out_ok[members].astype(np.float64))
+            ref_mean = (c @ ref_filled[members]) / (c @ ref_ok[members].astype(np.float64))
+            diff = np.abs(out_mean - ref_mean)
+            terms = np.where(scale > 0, diff / np.where(scale > 0, scale, 1), np.where(np.isnan(diff), np.nan, 0.0))
+        defined = ~np.isnan(terms)
+        has = defined.any(axis=1) & (weight > 0)
+        user = np.where(has, np.nansum(terms, axis=1) / np.maximum(defined.sum(axis=1), 1), 0.0)
+        total_num += np.where(has, user * weight, 0.0)
+        total_den += np.where(has, weight, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total_den > 0, total_num / np.where(total_den > 0, total_den, 1), np.nan)
+
+
+def replicate_scores(stats: SampleStats, counts: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """Every score of one system for each replicate (row of ``counts``); a row of ones gives the point
+    estimate, on the scales of metrics.json."""
+    counts = np.atleast_2d(counts)
+    c = counts.astype(np.float64)
+    drawn = c.sum(axis=1)
+    out = {"bleu": bleu_from_stats(c @ stats.bleu), "chrf": chrf_from_stats(c @ stats.chrf)}
+    out.update({k: 100.0 * (c @ stats.rouge[k]) / drawn for k in ROUGE})
+    for n in (1, 2):
+        out[f"distinct_{n}"] = _distinct(counts, *stats.ngrams[n])
+    out["avg_length"] = (c @ stats.length) / drawn
+    if stats.attribution is not None:
+        out["attribution"] = 100.0 * _weighted_mean(c, stats.attribution)
+    if stats.copy is not None:
+        out["copy_rate"] = 100.0 * (c @ stats.copy) / drawn
+    if stats.features is not None:
+        out["style_distance"] = _style_distance(counts, codes, stats.features, stats.reference_features,
+                                                stats.scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Intervals of one evaluation, paired differences between runs
+# --------------------------------------------------------------------------------------------------------------
+def describe(resamples: int, seed: int, users: int) -> dict[str, Any]:
+    unit = "users, then each drawn user's test samples" if users > 1 else "test samples (one user)"
+    return {"method": METHOD.format(resamples=resamples, seed=seed, unit=unit), "confidence": CONFIDENCE,
+            "resamples": resamples, "seed": seed, "users": users}
+
+
+def system_intervals(stats: SampleStats, points: Mapping[str, float | None], counts: np.ndarray,
+                     codes: np.ndarray) -> dict[str, list[float] | None]:
+    """[low, high] of each score in ``points`` (the reported values) that the statistics can replicate."""
+    reps = replicate_scores(stats, counts, codes)
+    out = {}
+    for key in KEYS:
+        if key in reps and key in points:
+            ci = interval(points.get(key), reps[key], key in BIAS_CORRECTED)
+            # The bias shift may step past a bound the score cannot cross (distinct-n above 100).
+            top = math.inf if key in UNBOUNDED else 100.0
+            out[key] = None if ci is None else [max(0.0, ci[0]), min(top, ci[1])]
+    return out
+
+
+def paired_differences(first: SampleStats, other: SampleStats, counts: np.ndarray,
+                       codes: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per score: other - first (point estimate, on all samples once) with the paired interval (the same draws
+    for both runs) and whether it excludes 0."""
+    ones = np.ones((1, counts.shape[1]), dtype=np.int64)
+    a_point, b_point = replicate_scores(first, ones, codes), replicate_scores(other, ones, codes)
+    a_reps, b_reps = replicate_scores(first, counts, codes), replicate_scores(other, counts, codes)
+    out = {}
+    for key in KEYS:
+        if key not in a_reps or key not in b_reps:
+            continue
+        point = float(b_point[key][0] - a_point[key][0])
+        if math.isnan(point):
+            continue
+        ci = interval(point, b_reps[key] - a_reps[key], key in BIAS_CORRECTED)
+        out[key] = {"difference": point, "interval": ci,
+                    "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+    return out
+
+
+def save_sample_scores(path: str, systems: Mapping[str, SampleStats], codes: np.ndarray,
+                       references_sha256: str) -> None:
+    """All systems' statistics in one npz (written atomically: a tmp file renamed into place)."""
+    arrays: dict[str, np.ndarray] = {"user_codes": np.asarray(codes, dtype=np.int64),
+                                     "references_sha256": np.asarray(references_sha256),
+                                     "systems": np.asarray(list(systems))}
+    for name, stats in systems.items():
+        arrays.update(stats.arrays(f"{name}/"))
+    tmp = f"{path}.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_sample_scores(path: str) -> tuple[dict[str, SampleStats], np.ndarray, str] | None:
+    """(systems, user codes, references digest) from :func:`save_sample_scores`; None when absent (older runs)."""
+    if not os.path.isfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    systems = {str(name): SampleStats.from_arrays(arrays, f"{name}/") for name in arrays["systems"]}
+    return systems, arrays["user_codes"], str(arrays["references_sha256"])
+
+
+def half_width(ci: Sequence[float] | None) -> float | None:
+    return None if ci is None else (ci[1] - ci[0]) / 2.0
+
+
+def evaluation_intervals(systems: Mapping[str, Sequence[str]], references: Sequence[str],
+                         rouge: Mapping[str, Mapping[str, Sequence[float]]], evaluator: Any,
+                         users: Sequence[Hashable], scores: Mapping[str, Mapping[str, Any]], main: str | None,
+                         resamples: int, seed: int) -> tuple[dict[str, Any], dict[str, SampleStats], np.ndarray]:
+    """metrics.json's "intervals" section (``model`` / ``baselines`` like the scores), every system's statistics
+    (for sample_scores.npz) and the user codes. ``evaluator``: the fitted style.StyleEvaluator, or None."""
+    codes = group_codes(users)
+    counts = resample_counts(codes, resamples, seed)
+    stats, found = {}, {}
+    for name, outputs in systems.items():
+        stats[name] = sample_statistics(outputs, references, rouge.get(name))
+        if evaluator is not None:
+            add_style(stats[name], evaluator.per_sample(outputs))
+        found[name] = system_intervals(stats[name], scores[name], counts, codes)
+    section = {**describe(resamples, seed, int(codes.max()) + 1 if len(codes) else 0),
+               "model": found.get(main) if main else None,
+               "baselines": {name: v for name, v in found.items() if name != main}}
+    return section, stats, codes
