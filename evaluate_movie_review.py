@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from review_lm import bootstrap, model_loading, parallel_generation, resumable, run_folder, style
+from review_lm import bootstrap, model_loading, parallel_generation, resumable, run_folder, style, vllm_backend
 from review_lm.comparison import compare, interval_rows, markdown_table, table_rows
 from review_lm.generation import Generated, GenerationSettings
 from review_lm.metrics import (
@@ -163,12 +163,16 @@ def evaluate(args: argparse.Namespace) -> int:
         # Batches already in partial files of the same model, test file and settings are kept (a killed run
         # resumes); partial files of anything else are refused here, before the model loads.
         header = resumable.fingerprint(args.model_dir, test_file,
-                                       parallel_generation.fingerprint_settings(settings))
+                                       parallel_generation.fingerprint_settings(settings, args.backend))
         if os.path.isdir(out_dir):
             resumable.read_done(out_dir, header)
-        generated = parallel_generation.generate_resumable(
-            args.model_dir, [s["prompt"] for s in test.samples], settings, out_dir, header,
-            progress=not args.no_progress)
+        prompts = [s["prompt"] for s in test.samples]
+        if args.backend == "vllm":
+            generated = vllm_backend.generate_vllm(args.model_dir, prompts, settings, out_dir, header,
+                                                   args.tensor_parallel_size)
+        else:
+            generated = parallel_generation.generate_resumable(args.model_dir, prompts, settings, out_dir, header,
+                                                               progress=not args.no_progress)
         if generated is None:
             return 0  # not the main process: its batches are in its partial file, the main process scores
     outputs = generated.texts if generated is not None else given
@@ -288,6 +292,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from MODEL_DIR")
     p.add_argument("--base_model", help="base model of a LoRA adapter run, if not where adapter_config.json says")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--backend", choices=vllm_backend.BACKENDS, default="hf",
+                   help="hf: transformers generate (under torchrun: one shard per process); vllm: vLLM's offline "
+                        "engine (optional package; LoRA served without merging, prefix caching)")
+    p.add_argument("--tensor_parallel_size", type=int, default=1,
+                   help="GPUs one vLLM engine spreads the model over (--backend vllm; default 1)")
     p.add_argument("--bootstrap", type=int, default=bootstrap.DEFAULT_RESAMPLES, metavar="N",
                    help=f"bootstrap resamples for the 95%% intervals of every score (default "
                         f"{bootstrap.DEFAULT_RESAMPLES}; 0 = no intervals)")
@@ -304,8 +313,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_range("top_p", args.top_p, 0, inclusive=False, maximum=1)
         check_range("top_k", args.top_k, 0)
         check_range("bootstrap", args.bootstrap, 0)
+        check_range("tensor_parallel_size", args.tensor_parallel_size, 1)
     except UsageError as err:
         p.error(str(err))
+    generating = args.compare is None and args.predictions is None and not args.baselines_only
+    reason = vllm_backend.refusal(args.backend, args.backend != "vllm" or vllm_backend.vllm_installed(),
+                                  parallel_generation.launched_processes(os.environ), args.tensor_parallel_size,
+                                  generating)
+    if reason:
+        p.error(reason)
     return args
 
 
