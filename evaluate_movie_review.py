@@ -37,9 +37,10 @@ import time
 from typing import Any
 
 from review_lm import bootstrap, model_loading, parallel_generation, resumable, run_folder, style, vllm_backend
-from review_lm.comparison import compare, interval_rows, markdown_table, table_rows
+from review_lm.comparison import compare, format_value, interval_rows, markdown_table, table_rows
 from review_lm.generation import Generated, GenerationSettings
 from review_lm.metrics import (
+    METRICS,
     compute_baselines,
     compute_metrics,
     metric_definitions,
@@ -58,6 +59,7 @@ from review_lm.run_folder import (
     SampleSet,
     load_test_samples,
 )
+from review_lm.style_report import COLUMNS as STYLE_COLUMNS
 from review_lm.style_report import TABLE_LEGEND, load_style_pool, sample_user_key, style_metrics
 from review_lm.utils import (
     ArgumentParser,
@@ -83,6 +85,8 @@ def prediction_rows(test: SampleSet, generated: Generated | None, given: list[st
             row["prediction"] = generated.texts[i]
             row["prediction_tokens"] = generated.token_counts[i]
             row["hit_max_new_tokens"] = generated.hit_limit[i]
+            if generated.samples:  # --num_samples K: all K ("prediction" is the first)
+                row["predictions"] = generated.samples[i]
         elif given is not None:
             row["prediction"] = given[i]
         for name, outputs in (baselines or {}).items():
@@ -159,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> int:
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
                                       args.trust_remote_code, args.base_model,
-                                      record.chat_template if record else "none")
+                                      record.chat_template if record else "none", num_samples=args.num_samples)
         # Batches already in partial files of the same model, test file and settings are kept (a killed run
         # resumes); partial files of anything else are refused here, before the model loads.
         header = resumable.fingerprint(args.model_dir, test_file,
@@ -186,11 +190,22 @@ def evaluate(args: argparse.Namespace) -> int:
                            {name: r["rougeL"] for name, r in rouge.items()}, STYLE_FIGURE)
     for name, numbers in styled.systems.items():
         scores[name].update(numbers)
+    # --num_samples K: the model's score is the mean over its K draws (draw k = every prompt's k-th sample).
+    draws = [list(d) for d in zip(*generated.samples, strict=True)] if generated and generated.samples else None
+    draw_section = None
+    if draws:
+        per_draw = [scores["model"]]
+        for texts in draws[1:]:
+            numbers = compute_metrics(texts, references)
+            if styled.evaluator is not None:
+                numbers.update({k: v for k, v in styled.evaluator.score(texts).items() if k in scores["model"]})
+            per_draw.append(numbers)
+        scores["model"], draw_section = bootstrap.mean_over_draws(per_draw)
     intervals, sample_stats, user_codes = None, None, None
     if args.bootstrap:  # 95% intervals of every score; the per-sample statistics let --compare pair runs
         intervals, sample_stats, user_codes = bootstrap.evaluation_intervals(
             systems, references, rouge, styled.evaluator, [sample_user_key(s) for s in test.samples], scores,
-            "model" if outputs is not None else None, args.bootstrap, args.seed)
+            "model" if outputs is not None else None, args.bootstrap, args.seed, draws[1:] if draws else None)
 
     metrics = {
         "model": scores.get("model"),
@@ -218,6 +233,7 @@ def evaluate(args: argparse.Namespace) -> int:
         } if baselines else None,
         "style": styled.section,
         "intervals": intervals,
+        "samples_per_prompt": draw_section,
         "metric_definitions": {**metric_definitions(), **style.definitions()},
         "training_arguments": run_folder.recorded_arguments(args.model_dir) if args.model_dir else None,
         "versions": library_versions(("sacrebleu", "rouge-score", "scikit-learn", "rapidfuzz", "torch",
@@ -249,6 +265,10 @@ def evaluate(args: argparse.Namespace) -> int:
     print(markdown_table(table_rows(metrics, label), interval_rows(metrics, label)))
     if intervals:
         print(f"±: half-width of the 95% interval ({intervals['method']})")
+    if draw_section:
+        spread = ", ".join(f"{title} {format_value(key, draw_section['spread'][key]['std'])}" for key, title in
+                           (*METRICS, *STYLE_COLUMNS) if key in draw_section["spread"])
+        print(f"{label}: mean over {draw_section['samples']} samples per prompt; std over the samples: {spread}")
     if styled.systems:
         print(TABLE_LEGEND)
     if styled.per_user_table:
@@ -285,6 +305,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --do_sample (0.7)")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass with --do_sample (0.9)")
     p.add_argument("--top_k", type=int, default=0, help="top-k filter with --do_sample; 0 = off (default)")
+    p.add_argument("--num_samples", type=int, default=1, metavar="K",
+                   help="continuations per prompt, with --do_sample: all kept in predictions.jsonl, each score the "
+                        "mean over the K draws with its spread (default 1)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling and the random baseline (42)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -314,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_range("top_k", args.top_k, 0)
         check_range("bootstrap", args.bootstrap, 0)
         check_range("tensor_parallel_size", args.tensor_parallel_size, 1)
+        check_range("num_samples", args.num_samples, 1)
+        if args.num_samples > 1 and not args.do_sample:
+            raise UsageError(f"--num_samples {args.num_samples} needs --do_sample (greedy decoding writes the same "
+                             "review every time)")
     except UsageError as err:
         p.error(str(err))
     generating = args.compare is None and args.predictions is None and not args.baselines_only

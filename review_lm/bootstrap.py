@@ -333,24 +333,19 @@ def describe(resamples: int, seed: int, users: int) -> dict[str, Any]:
 def system_intervals(stats: SampleStats, points: Mapping[str, float | None], counts: np.ndarray,
                      codes: np.ndarray) -> dict[str, list[float] | None]:
     """[low, high] of each score in ``points`` (the reported values) that the statistics can replicate."""
-    reps = replicate_scores(stats, counts, codes)
-    out = {}
-    for key in KEYS:
-        if key in reps and key in points:
-            ci = interval(points.get(key), reps[key], key in BIAS_CORRECTED)
-            # The bias shift may step past a bound the score cannot cross (distinct-n above 100).
-            top = math.inf if key in UNBOUNDED else 100.0
-            out[key] = None if ci is None else [max(0.0, ci[0]), min(top, ci[1])]
-    return out
+    return draws_intervals([stats], points, counts, codes)
 
 
-def paired_differences(first: SampleStats, other: SampleStats, counts: np.ndarray,
-                       codes: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Per score: other - first (point estimate, on all samples once) with the paired interval (the same draws
-    for both runs) and whether it excludes 0."""
+def paired_differences(first: SampleStats | Sequence[SampleStats], other: SampleStats | Sequence[SampleStats],
+                       counts: np.ndarray, codes: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per score: other - first (point estimate, on all samples once) with the paired interval (the same
+    resampled test samples for both runs) and whether it excludes 0. A run with several draws per prompt
+    (a list of statistics) is scored as the mean over its draws."""
+    first = [first] if isinstance(first, SampleStats) else list(first)
+    other = [other] if isinstance(other, SampleStats) else list(other)
     ones = np.ones((1, counts.shape[1]), dtype=np.int64)
-    a_point, b_point = replicate_scores(first, ones, codes), replicate_scores(other, ones, codes)
-    a_reps, b_reps = replicate_scores(first, counts, codes), replicate_scores(other, counts, codes)
+    a_point, b_point = mean_replicates(first, ones, codes), mean_replicates(other, ones, codes)
+    a_reps, b_reps = mean_replicates(first, counts, codes), mean_replicates(other, counts, codes)
     out = {}
     for key in KEYS:
         if key not in a_reps or key not in b_reps:
@@ -394,18 +389,75 @@ def half_width(ci: Sequence[float] | None) -> float | None:
 def evaluation_intervals(systems: Mapping[str, Sequence[str]], references: Sequence[str],
                          rouge: Mapping[str, Mapping[str, Sequence[float]]], evaluator: Any,
                          users: Sequence[Hashable], scores: Mapping[str, Mapping[str, Any]], main: str | None,
-                         resamples: int, seed: int) -> tuple[dict[str, Any], dict[str, SampleStats], np.ndarray]:
+                         resamples: int, seed: int, more_draws: Sequence[Sequence[str]] | None = None,
+                         ) -> tuple[dict[str, Any], dict[str, SampleStats], np.ndarray]:
     """metrics.json's "intervals" section (``model`` / ``baselines`` like the scores), every system's statistics
-    (for sample_scores.npz) and the user codes. ``evaluator``: the fitted style.StyleEvaluator, or None."""
+    (for sample_scores.npz; the main system's further draws as ``model#1``, ...) and the user codes.
+    ``evaluator``: the fitted style.StyleEvaluator, or None. ``more_draws``: the main system's draws after the
+    first (--num_samples): its interval is then that of the mean over draws, on the same resampled samples."""
     codes = group_codes(users)
     counts = resample_counts(codes, resamples, seed)
     stats, found = {}, {}
+
+    def statistics(outputs: Sequence[str], rouge_scores=None) -> SampleStats:
+        one = sample_statistics(outputs, references, rouge_scores)
+        return add_style(one, evaluator.per_sample(outputs)) if evaluator is not None else one
+
     for name, outputs in systems.items():
-        stats[name] = sample_statistics(outputs, references, rouge.get(name))
-        if evaluator is not None:
-            add_style(stats[name], evaluator.per_sample(outputs))
-        found[name] = system_intervals(stats[name], scores[name], counts, codes)
+        stats[name] = statistics(outputs, rouge.get(name))
+        if name == main and more_draws:
+            for k, texts in enumerate(more_draws, start=1):
+                stats[f"{name}#{k}"] = statistics(texts)
+            found[name] = draws_intervals([stats[name], *(stats[f"{name}#{k}"] for k in range(1, len(more_draws)
+                                                                                               + 1))],
+                                          scores[name], counts, codes)
+        else:
+            found[name] = system_intervals(stats[name], scores[name], counts, codes)
     section = {**describe(resamples, seed, int(codes.max()) + 1 if len(codes) else 0),
                "model": found.get(main) if main else None,
                "baselines": {name: v for name, v in found.items() if name != main}}
     return section, stats, codes
+
+
+def draw_stats(systems: Mapping[str, SampleStats], name: str = "model") -> list[SampleStats]:
+    """A system's draws as saved by :func:`evaluation_intervals`: ``name``, ``name#1``, ``name#2``, ..."""
+    out = [systems[name]]
+    while f"{name}#{len(out)}" in systems:
+        out.append(systems[f"{name}#{len(out)}"])
+    return out
+
+
+def mean_replicates(draws: Sequence[SampleStats], counts: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """Per score, the mean over draws of each replicate (the same resampled samples for every draw)."""
+    each = [replicate_scores(d, counts, codes) for d in draws]
+    return {key: np.mean([e[key] for e in each], axis=0) for key in each[0]}
+
+
+def draws_intervals(draws: Sequence[SampleStats], points: Mapping[str, float | None], counts: np.ndarray,
+                    codes: np.ndarray) -> dict[str, list[float] | None]:
+    """As :func:`system_intervals`, for a score that is the mean over several draws per prompt."""
+    reps = mean_replicates(draws, counts, codes)
+    out = {}
+    for key in KEYS:
+        if key in reps and key in points:
+            ci = interval(points.get(key), reps[key], key in BIAS_CORRECTED)
+            # The bias shift may step past a bound the score cannot cross (distinct-n above 100).
+            top = math.inf if key in UNBOUNDED else 100.0
+            out[key] = None if ci is None else [max(0.0, ci[0]), min(top, ci[1])]
+    return out
+
+
+def mean_over_draws(per_draw: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the mean of each numeric score over the draws, metrics.json's "samples_per_prompt" section: the spread
+    as population std, min and max, and every draw's scores). A score missing (None) in any draw stays None."""
+    mean, spread = {}, {}
+    for key in per_draw[0]:
+        values = [d.get(key) for d in per_draw]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            arr = np.asarray(values, dtype=np.float64)
+            mean[key] = float(arr.mean())
+            spread[key] = {"std": float(arr.std()), "min": float(arr.min()), "max": float(arr.max())}
+        else:
+            mean[key] = per_draw[0][key] if len(per_draw) == 1 else None
+    return mean, {"samples": len(per_draw), "score": "mean over the samples (draw k = every prompt's k-th sample)",
+                  "spread": spread, "per_sample": [dict(d) for d in per_draw]}

@@ -284,7 +284,8 @@ def paired_differences(runs: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, 
         elif other[2] != digest:
             notes.append(f"{name}: scored on other test samples than {names[0]}: no paired interval")
         else:
-            out.append((name, bootstrap.paired_differences(systems["model"], other[0]["model"], counts,
+            out.append((name, bootstrap.paired_differences(bootstrap.draw_stats(systems),
+                                                           bootstrap.draw_stats(other[0]), counts,
                                                            np.asarray(codes))))
     return out, notes
 

@@ -24,7 +24,7 @@ from review_lm.model_loading import load_model_and_tokenizer
 # Settings that decide the predictions (the partial files' fingerprint); device is not one of them on purpose:
 # a run killed on one GPU may resume on another.
 FINGERPRINT_FIELDS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "top_k", "seed", "dtype",
-                      "base_model", "chat_template")
+                      "base_model", "chat_template", "num_samples")
 
 
 def launched_processes(environ: Mapping[str, str]) -> int:
@@ -58,14 +58,35 @@ def rows_to_generated(n: int, done: dict[int, list[dict[str, Any]]], info: dict[
     """Every prompt's output in test order from the batches' rows; raises if one is missing."""
     texts: list[str | None] = [None] * n
     counts, hits = [0] * n, [False] * n
+    samples: list[list[str]] = [[] for _ in range(n)]
     for rows in done.values():
         for row in rows:
             i = row["index"]
             texts[i], counts[i], hits[i] = row["text"], row["tokens"], row["hit"]
+            samples[i] = row.get("samples") or [row["text"]]
     missing = [i for i, t in enumerate(texts) if t is None]
     if missing:
         raise RuntimeError(f"{len(missing)} predictions missing after generation (first: index {missing[0]})")
-    return Generated([t or "" for t in texts], counts, hits, info)
+    several = any(len(s) > 1 for s in samples)
+    return Generated([t or "" for t in texts], counts, hits, info, samples if several else None)
+
+
+def batch_rows(batch: Sequence[int], new_tokens: Sequence[Sequence[int]], samples: int, eos_id, decode) -> list[dict]:
+    """One row per prompt of the batch; ``new_tokens`` holds ``samples`` consecutive continuations per prompt
+    (generate's num_return_sequences order). The first is the prediction; with several, all are kept."""
+    rows = []
+    for k, i in enumerate(batch):
+        texts, count, hit = [], 0, False
+        for j, ids in enumerate(new_tokens[k * samples:(k + 1) * samples]):
+            kept, cut = split_at_eos(ids, eos_id)
+            texts.append(decode(kept))
+            if j == 0:
+                count, hit = len(kept), cut
+        row = {"index": i, "text": texts[0], "tokens": count, "hit": hit}
+        if samples > 1:
+            row["samples"] = texts
+        rows.append(row)
+    return rows
 
 
 def generate_resumable(model_dir: str, prompts: Sequence[str], settings: GenerationSettings, out_dir: str,
@@ -90,6 +111,8 @@ def generate_resumable(model_dir: str, prompts: Sequence[str], settings: Generat
     model, tokenizer = loaded.model, loaded.tokenizer
     eos_id, pad_id = stop_token_ids(tokenizer, settings.chat_template), tokenizer.pad_token_id
     gen_kwargs = generation_config_kwargs(settings, eos_id, pad_id)
+    if settings.num_samples > 1:
+        gen_kwargs["num_return_sequences"] = settings.num_samples
     gen_config = GenerationConfig(**gen_kwargs)
 
     # Prompts are the exact training prefix: no BOS/special tokens added (the data loader's contract).
@@ -119,11 +142,8 @@ def generate_resumable(model_dir: str, prompts: Sequence[str], settings: Generat
                             return_tensors="pt").to(loaded.device)
             with torch.inference_mode():
                 out = model.generate(**enc, generation_config=gen_config)
-            rows = []
-            for i, ids in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
-                kept, cut = split_at_eos(ids, eos_id)
-                rows.append({"index": i, "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                             "tokens": len(kept), "hit": cut})
+            rows = batch_rows(batch, out[:, enc["input_ids"].shape[1]:].tolist(), settings.num_samples, eos_id,
+                              lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip())
             writer.write_batch(b, rows)
             generated_here += len(batch)
             # The bar counts this process's samples scaled by the number of processes: what all of them make.

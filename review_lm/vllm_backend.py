@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from review_lm import resumable
-from review_lm.generation import Generated, GenerationSettings, split_at_eos
+from review_lm.generation import Generated, GenerationSettings
 from review_lm.run_folder import ADAPTER_CONFIG
 from review_lm.utils import UsageError
 
@@ -139,6 +139,7 @@ def generate_vllm(model_dir: str, prompts: Sequence[str], settings: GenerationSe
     from vllm.lora.request import LoRARequest
 
     from review_lm.generation import stop_token_ids
+    from review_lm.parallel_generation import batch_rows
 
     plan = plan_model(model_dir, read_adapter_config(model_dir), settings.base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
@@ -162,15 +163,14 @@ def generate_vllm(model_dir: str, prompts: Sequence[str], settings: GenerationSe
         if sum(len(batches[g]) for g in group) < PROMPTS_PER_CALL and position + 1 < len(todo):
             continue
         indices = [i for g in group for i in batches[g]]
-        params = [SamplingParams(**sampling_kwargs(settings, stop, resumable.batch_seed(settings.seed, i)))
-                  for i in indices]
+        params = [SamplingParams(**sampling_kwargs(settings, stop, resumable.batch_seed(settings.seed, i),
+                                                   settings.num_samples)) for i in indices]
         outputs = engine.generate(prompt_inputs([ids[i] for i in indices]), params, lora_request=lora,
                                   use_tqdm=True)
         by_index = {}
         for i, result in zip(indices, outputs, strict=True):
-            kept, cut = split_at_eos(result.outputs[0].token_ids, stop)
-            by_index[i] = {"index": i, "text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                           "tokens": len(kept), "hit": cut}
+            by_index[i] = batch_rows([i], [o.token_ids for o in result.outputs], settings.num_samples, stop,
+                                     lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip())[0]
         for g in group:
             writer.write_batch(g, [by_index[i] for i in batches[g]])
         group = []
