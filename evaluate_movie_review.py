@@ -25,6 +25,12 @@ attribution negatives). Every definition goes into metrics.json. Generation: ``r
 and ``--compare``: ``review_lm.comparison``. torch / transformers / sacrebleu / rouge-score / scikit-learn /
 matplotlib are imported inside the functions that need them, so ``--compare``, ``--baselines_only``,
 ``--predictions`` and input errors answer without loading torch.
+
+At scale (docs/evaluation_at_scale.md): under ``torchrun`` / ``accelerate launch`` the test prompts are shared
+between the processes and the main process scores (``review_lm.parallel_generation``); finished batches go to
+partial files, so the same command resumes a killed run (``review_lm.resumable``); ``--backend vllm`` generates
+with vLLM (``review_lm.vllm_backend``); ``--num_samples K`` scores the mean over K samples; every score gets a
+95% bootstrap interval, and ``--compare`` a paired one (``review_lm.bootstrap``, ``sample_scores.npz``).
 """
 
 from __future__ import annotations
@@ -252,9 +258,11 @@ def evaluate(args: argparse.Namespace) -> int:
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     figure = os.path.join(out_dir, STYLE_FIGURE)
     styled.write_figure(figure)
+    scores_file = os.path.join(out_dir, bootstrap.SAMPLE_SCORES_FILE)
     if sample_stats is not None:
-        bootstrap.save_sample_scores(os.path.join(out_dir, bootstrap.SAMPLE_SCORES_FILE), sample_stats, user_codes,
-                                     metrics["references_sha256"])
+        bootstrap.save_sample_scores(scores_file, sample_stats, user_codes, metrics["references_sha256"])
+    elif os.path.exists(scores_file):  # an earlier evaluation's: --compare must not pair these outputs with it
+        os.remove(scores_file)
     write_json_atomic(metrics_path, metrics)
     resumable.remove_partials(out_dir)  # predictions.jsonl holds them all now
 
