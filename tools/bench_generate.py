@@ -55,7 +55,9 @@ def evaluate(run: str, out: str, processes: int, backend: str, args: argparse.Na
     if processes > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # torchrun gives every process OMP_NUM_THREADS=1; the single process gets the same, so that the figures
+    # compare processes, not thread counts (a 2-thread process on a busy 2-core machine oversubscribes badly).
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
     started = time.time()
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--max_length", type=int, default=1024, help="prompt length cap of the test split (1024)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (1, torchrun's default)")
     args = p.parse_args(argv)
     files = sorted(glob.glob(os.path.join(args.data, "*.json")))
     if not files:
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         run = os.path.join(tmp, "run")
         n = make_run(run, files, args.max_length)
         print(f"{n} test samples of {len(files)} files in {args.data}; tiny model; batch {args.batch_size}, "
-              f"max_new_tokens {args.max_new_tokens}, greedy; {os.cpu_count()} CPU cores")
+              f"max_new_tokens {args.max_new_tokens}, greedy; {os.cpu_count()} CPU cores, {args.threads} thread(s) "
+              f"per process; load average {os.getloadavg()[0]:.1f}")
         configs = [("hf", k) for k in args.processes]
         if torch.cuda.is_available() and vllm_installed():
             configs.append(("vllm", 1))
