@@ -26,6 +26,12 @@ adds other users as attribution negatives). Every definition goes into metrics.j
 transformers / sacrebleu / rouge-score / scikit-learn / matplotlib are imported inside the functions that need them,
 so ``--compare``, ``--baselines_only``,
 ``--predictions`` and input errors answer without loading torch.
+
+At scale (docs/evaluation_at_scale.md): under ``torchrun`` / ``accelerate launch`` the test prompts are shared
+between the processes and the main process scores (``review_lm.parallel_generation``); finished batches go to
+partial files, so the same command resumes a killed run (``review_lm.resumable``); ``--backend vllm`` generates
+with vLLM (``review_lm.vllm_backend``); ``--num_samples K`` scores the mean over K samples; every score gets a
+95% bootstrap interval, and ``--compare`` a paired one (``review_lm.bootstrap``, ``sample_scores.npz``).
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ import sys
 import time
 from typing import Any
 
-from review_lm.evaluation import style
-from review_lm.evaluation.comparison import compare, markdown_table, table_rows
+from review_lm.evaluation import bootstrap, sample_stats, style
+from review_lm.evaluation.comparison import compare, format_value, interval_rows, markdown_table, table_rows
 from review_lm.evaluation.metrics import (
+    METRICS,
     compute_baselines,
     compute_metrics,
     metric_definitions,
@@ -48,15 +55,15 @@ from review_lm.evaluation.metrics import (
     sample_rouge,
 )
 from review_lm.evaluation.predictions import read_predictions
+from review_lm.evaluation.style_report import COLUMNS as STYLE_COLUMNS
 from review_lm.evaluation.style_report import TABLE_LEGEND, load_style_pool, style_metrics
-from review_lm.inference import model_loading
+from review_lm.inference import model_loading, parallel_generation, resumable, vllm_backend
 from review_lm.inference.generation import (
     Generated,
     GenerationSettings,
     add_decoding_arguments,
     add_loading_arguments,
     check_decoding,
-    generate_predictions,
 )
 from review_lm.runs import run_folder
 from review_lm.runs.run_folder import (
@@ -92,6 +99,8 @@ def prediction_rows(test: SampleSet, generated: Generated | None, given: list[st
             row["prediction"] = generated.texts[i]
             row["prediction_tokens"] = generated.token_counts[i]
             row["hit_max_new_tokens"] = generated.hit_limit[i]
+            if generated.samples:  # --num_samples K: all K ("prediction" is the first)
+                row["predictions"] = generated.samples[i]
         elif given is not None:
             row["prediction"] = given[i]
         for name, outputs in (baselines or {}).items():
@@ -149,6 +158,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: exists and is not a folder")
 
+    generating = not args.baselines_only and given is None
+    if not generating and parallel_generation.launched_processes(os.environ) > 1 \
+            and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under a launcher only generation is shared; the main process does everything else
     started = time.time()
     references = test.references
     baselines = compute_baselines(test.all_earlier_reviews(), args.seed) if test.has_history else None
@@ -156,7 +169,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"warning: {test_file}: samples have no earlier reviews; skipping the baselines", file=sys.stderr)
     generated = None
     record = None
-    if not args.baselines_only and given is None:
+    if generating:
         # The run's format decides the stop tokens (a conversation's reviews end with the end-of-turn token);
         # its test prompts are already in that format (test_samples.json), fed as their text's ids.
         record = run_folder.read_run_record(args.model_dir) if os.path.isfile(
@@ -164,9 +177,22 @@ def evaluate(args: argparse.Namespace) -> int:
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
                                       args.trust_remote_code, args.base_model,
-                                      record.chat_template if record else "none")
-        generated = generate_predictions(args.model_dir, [s["prompt"] for s in test.samples], settings,
-                                         progress=not args.no_progress)
+                                      record.chat_template if record else "none", num_samples=args.num_samples)
+        # Batches already in partial files of the same model, test file and settings are kept (a killed run
+        # resumes); partial files of anything else are refused here, before the model loads.
+        header = resumable.fingerprint(args.model_dir, test_file,
+                                       parallel_generation.fingerprint_settings(settings, args.backend))
+        if os.path.isdir(out_dir):
+            resumable.read_done(out_dir, header)
+        prompts = [s["prompt"] for s in test.samples]
+        if args.backend == "vllm":
+            generated = vllm_backend.generate_vllm(args.model_dir, prompts, settings, out_dir, header,
+                                                   args.tensor_parallel_size)
+        else:
+            generated = parallel_generation.generate_resumable(args.model_dir, prompts, settings, out_dir, header,
+                                                               progress=not args.no_progress)
+        if generated is None:
+            return 0  # not the main process: its batches are in its partial file, the main process scores
     outputs = generated.texts if generated is not None else given
 
     # Every system on the same samples: overlap with the real review, then does it write like this user?
@@ -178,6 +204,22 @@ def evaluate(args: argparse.Namespace) -> int:
                            {name: r["rougeL"] for name, r in rouge.items()}, STYLE_FIGURE)
     for name, numbers in styled.systems.items():
         scores[name].update(numbers)
+    # --num_samples K: the model's score is the mean over its K draws (draw k = every prompt's k-th sample).
+    draws = [list(d) for d in zip(*generated.samples, strict=True)] if generated and generated.samples else None
+    draw_section = None
+    if draws:
+        per_draw = [scores["model"]]
+        for texts in draws[1:]:
+            numbers = compute_metrics(texts, references)
+            if styled.evaluator is not None:
+                numbers.update({k: v for k, v in styled.evaluator.score(texts).items() if k in scores["model"]})
+            per_draw.append(numbers)
+        scores["model"], draw_section = bootstrap.mean_over_draws(per_draw)
+    intervals, system_stats, user_codes = None, None, None
+    if args.bootstrap:  # 95% intervals of every score; the per-sample statistics let --compare pair runs
+        intervals, system_stats, user_codes = bootstrap.evaluation_intervals(
+            systems, references, rouge, styled.evaluator, test.user_keys(), scores,
+            "model" if outputs is not None else None, args.bootstrap, args.seed, draws[1:] if draws else None)
 
     metrics = {
         "model": scores.get("model"),
@@ -204,6 +246,8 @@ def evaluate(args: argparse.Namespace) -> int:
             "seed": args.seed,
         } if baselines else None,
         "style": styled.section,
+        "intervals": intervals,
+        "samples_per_prompt": draw_section,
         "metric_definitions": {**metric_definitions(), **style.definitions()},
         "training_arguments": run_folder.recorded_arguments(args.model_dir) if args.model_dir else None,
         "versions": library_versions(("sacrebleu", "rouge-score", "scikit-learn", "rapidfuzz", "torch",
@@ -222,13 +266,25 @@ def evaluate(args: argparse.Namespace) -> int:
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     figure = os.path.join(out_dir, STYLE_FIGURE)
     styled.write_figure(figure)
+    scores_file = os.path.join(out_dir, run_folder.SAMPLE_SCORES_FILE)
+    if system_stats is not None:
+        sample_stats.save_sample_scores(scores_file, system_stats, user_codes, metrics["references_sha256"])
+    elif os.path.exists(scores_file):  # an earlier evaluation's: --compare must not pair these outputs with it
+        os.remove(scores_file)
     write_json_atomic(metrics_path, metrics)
+    resumable.remove_partials(out_dir)  # predictions.jsonl holds them all now
 
     print(f"{len(test.samples)} test samples from {test_file}" + (f", predictions from {args.predictions}"
                                                                   if given is not None else ""))
     for note in styled.notes:
         print(f"note: {note}")
-    print(markdown_table(table_rows(metrics, label)))
+    print(markdown_table(table_rows(metrics, label), interval_rows(metrics, label)))
+    if intervals:
+        print(f"±: half-width of the 95% interval ({intervals['method']})")
+    if draw_section:
+        spread = ", ".join(f"{title} {format_value(key, draw_section['spread'][key]['std'])}" for key, title in
+                           (*METRICS, *STYLE_COLUMNS) if key in draw_section["spread"])
+        print(f"{label}: mean over {draw_section['samples']} samples per prompt; std over the samples: {spread}")
     if styled.systems:
         print(TABLE_LEGEND)
     if styled.per_user_table:
@@ -236,7 +292,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if generated is not None and any(generated.hit_limit):
         print(f"note: {sum(generated.hit_limit)} predictions stopped at --max_new_tokens {args.max_new_tokens} "
               "without EOS")
-    written = [os.path.join(out_dir, PREDICTIONS_FILE), *([figure] if styled.evaluator else []), metrics_path]
+    written = [os.path.join(out_dir, PREDICTIONS_FILE), *([figure] if styled.evaluator else []),
+               *([os.path.join(out_dir, run_folder.SAMPLE_SCORES_FILE)] if system_stats is not None else []),
+               metrics_path]
     print(f"\nwritten: {', '.join(written)}")
     return 0
 
@@ -259,9 +317,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baselines_only", action="store_true", help="score only the model-free baselines (no model)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
     add_decoding_arguments(p, sample_by_default=False, max_new_tokens=128)
+    p.add_argument("--num_samples", type=int, default=1, metavar="K",
+                   help="continuations per prompt, with --do_sample: all kept in predictions.jsonl, each score the "
+                        "mean over the K draws with its spread (default 1)")
     p.add_argument("--seed", type=int, default=42, help="seed for sampling and the random baseline (42)")
     add_loading_arguments(p)
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--backend", choices=vllm_backend.BACKENDS, default="hf",
+                   help="hf: transformers generate (under torchrun: one shard per process); vllm: vLLM's offline "
+                        "engine (optional package; LoRA served without merging, prefix caching)")
+    p.add_argument("--tensor_parallel_size", type=int, default=1,
+                   help="GPUs one vLLM engine spreads the model over (--backend vllm; default 1)")
+    p.add_argument("--bootstrap", type=int, default=bootstrap.DEFAULT_RESAMPLES, metavar="N",
+                   help=f"bootstrap resamples for the 95%% intervals of every score (default "
+                        f"{bootstrap.DEFAULT_RESAMPLES}; 0 = no intervals)")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="compare evaluated runs (run dir, its eval dir, or a metrics.json) instead of evaluating")
     p.add_argument("--compare_out", default="comparison.png", help="chart written by --compare (./comparison.png)")
@@ -271,8 +340,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         check_range("batch_size", args.batch_size, 1)
         check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        check_range("bootstrap", args.bootstrap, 0)
+        check_range("tensor_parallel_size", args.tensor_parallel_size, 1)
+        check_range("num_samples", args.num_samples, 1)
+        if args.num_samples > 1 and not args.do_sample:
+            raise UsageError(f"--num_samples {args.num_samples} needs --do_sample (greedy decoding writes the same "
+                             "review every time)")
     except UsageError as err:
         p.error(str(err))
+    generating = args.compare is None and args.predictions is None and not args.baselines_only
+    reason = vllm_backend.refusal(args.backend, args.backend != "vllm" or vllm_backend.vllm_installed(),
+                                  parallel_generation.launched_processes(os.environ), args.tensor_parallel_size,
+                                  generating)
+    if reason:
+        p.error(reason)
     return args
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ if str(REPO_ROOT) not in sys.path:  # tests run from the repo root, but be expli
     sys.path.insert(0, str(REPO_ROOT))
 
 # Real Douban histories live next to the repository (../shared/data/douban_dmr relative to the repo root).
-DOUBAN_DMR_DIR = (REPO_ROOT / ".." / "shared" / "data" / "douban_dmr").resolve()
+# DOUBAN_DMR_DIR overrides it (a worktree in another folder reads the same files from where they are).
+DOUBAN_DMR_DIR = Path(os.environ.get("DOUBAN_DMR_DIR")
+                      or (REPO_ROOT / ".." / "shared" / "data" / "douban_dmr")).resolve()
 
 
 @pytest.fixture(scope="session")

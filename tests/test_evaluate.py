@@ -247,7 +247,8 @@ def test_baselines_never_read_the_reference():
 def test_evaluation_writes_one_prediction_per_sample_into_model_dir_eval(run_copy, test_samples):
     assert evaluate_in_process("--model_dir", str(run_copy), "--max_new_tokens", "5") == 0
     eval_dir = run_copy / "eval"
-    assert sorted(p.name for p in eval_dir.iterdir()) == ["metrics.json", "predictions.jsonl", "style.png"]  # no tmp
+    assert sorted(p.name for p in eval_dir.iterdir()) == [  # no tmp, no partial file
+        "metrics.json", "predictions.jsonl", "sample_scores.npz", "style.png"]
     rows = read_jsonl(eval_dir / "predictions.jsonl")
     assert len(rows) == len(test_samples)
     for row, sample in zip(rows, test_samples, strict=True):
@@ -525,3 +526,36 @@ def test_bad_numbers_are_one_line_and_write_nothing(flags, message, tmp_path, ca
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Confidence intervals (review_lm.evaluation.bootstrap) in metrics.json, the tables and --compare
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_intervals_in_metrics_and_paired_compare(tiny_run, tmp_path, capsys):
+    common = ("--model_dir", str(tiny_run), "--bootstrap", "300")
+    assert evaluate_in_process(*common, "--max_new_tokens", "6", "--output_dir", str(tmp_path / "a" / "eval")) == 0
+    assert evaluate_in_process(*common, "--max_new_tokens", "2", "--output_dir", str(tmp_path / "b" / "eval")) == 0
+    capsys.readouterr()
+    found = json.loads((tmp_path / "a" / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    section = found["intervals"]
+    assert section["resamples"] == 300 and section["seed"] == 42 and "percentile bootstrap" in section["method"]
+    assert "users, then" in section["method"]  # three users in the tiny run: users are resampled first
+    for system, scores in (("model", found["model"]), *(("last", found["baselines"]["last"]),)):
+        ci = section["model"] if system == "model" else section["baselines"][system]
+        assert set(ci) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "distinct_1", "distinct_2", "avg_length",
+                           "attribution", "copy_rate", "style_distance"}
+        for key, (low, high) in ci.items():
+            assert low <= scores[key] <= high, (system, key)
+
+    png = tmp_path / "c.png"
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert ev.main(["--compare", a, a, b, "--compare_out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "±" in out.split("\n\n")[0]
+    diff = out.split("difference to a (paired 95% bootstrap")[1].splitlines()
+    self_row = next(line for line in diff if line.startswith("| a (2) |"))
+    cells = [c.strip() for c in self_row.strip("|").split("|")][1:]
+    assert cells and all(c in ("+0.00 [0.00, 0.00]", "+0.0 [0.0, 0.0]", "+0.000 [0.000, 0.000]") for c in cells)
+    assert any(line.startswith("| b |") for line in diff)
+    assert png.is_file()

@@ -219,14 +219,15 @@ def test_default_output_is_beside_the_predictions_file(real_test_file, tmp_path,
     predictions = write_predictions(tmp_path / "other_system.jsonl", refs)  # no user/record index: fine
     assert ev.main(["--test_file", real_test_file, "--predictions", predictions]) == 0
     out = tmp_path / "other_system_eval"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.jsonl", "style.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json", "predictions.jsonl", "sample_scores.npz", "style.png"]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["predictions_file"] == predictions and metrics["model_dir"] is None
     assert metrics["generation"] is None and metrics["training_arguments"] is None
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["prediction"] for r in rows] == refs and "baseline_last" in rows[0]
     printed = capsys.readouterr().out
-    assert "| predictions | 100.00 |" in printed and "| chance |" in printed
+    assert "| predictions | 100.00 ±0.00 |" in printed and "| chance |" in printed
     assert "per user (predictions):" in printed and "| user | test samples | attribution |" in printed
     # Scoring a predictions.jsonl that evaluation wrote: its own folder would be overwritten, so refused.
     assert ev.main(["--test_file", real_test_file, "--predictions", str(out / "predictions.jsonl"),
@@ -259,9 +260,11 @@ def test_compare_shows_style_columns_ceiling_and_chance(real_test_file, real_eva
     capsys.readouterr()
     png = tmp_path / "c.png"
     assert ev.main(["--compare", str(real_out), str(stranger), "--compare_out", str(png)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.split("\n\n")[0].splitlines()  # the scores table (then the differences)
     assert lines[0].endswith("| avg length | attribution | copy rate | style dist. |")
-    by_name = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| ")}
+    # cells are "score ±half-width of its 95% interval": the scores alone here
+    by_name = {line.split(" | ")[0][2:]: [c.split(" ±")[0] for c in line.split(" | ")] for line in lines
+               if line.startswith("| ")}
     assert set(by_name) >= {"out", "stranger", "baseline: last", "reference", "chance"}
     assert by_name["chance"][9] == "16.7" and by_name["reference"][9] == by_name["out"][9]
     assert float(by_name["stranger"][9]) <= 16.7 and float(by_name["baseline: last"][10]) >= 90

@@ -164,6 +164,7 @@ class StyleEvaluator:
         self.seed, self.shuffles, self.copy_threshold = seed, shuffles, copy_threshold
         self.model: AttributionModel | None = None
         self.skipped_reason: str | None = None
+        self._analyses: dict[tuple[str, ...], _Analysis] = {}
         try:
             self.model = AttributionModel.fit(self.history_by_user, pool_by_user, seed, svc_max_classes)
         except AttributionUnavailable as err:
@@ -179,8 +180,27 @@ class StyleEvaluator:
         if len(outputs) != len(self.references):
             raise ValueError(f"{len(outputs)} outputs for {len(self.references)} test samples")
         outputs = list(outputs)
+        key = tuple(outputs)  # the last analyses are kept: per_sample after score_and_rows costs nothing more
+        if key in self._analyses:
+            return self._analyses[key]
         predicted = None if self.model is None else self.model.predict_indices(outputs)
-        return _Analysis(predicted, copy_overlaps(outputs, self.earlier_reviews), feature_matrix(outputs))
+        analysis = _Analysis(predicted, copy_overlaps(outputs, self.earlier_reviews), feature_matrix(outputs))
+        if len(self._analyses) >= 8:
+            self._analyses.pop(next(iter(self._analyses)))
+        self._analyses[key] = analysis
+        return analysis
+
+    def per_sample(self, outputs: Sequence[str]) -> dict[str, Any]:
+        """Per test sample, what the system's numbers are made of (the input of review_lm.evaluation.bootstrap):
+        ``attribution`` 1/0 hit, NaN where not scored (None without attribution), ``copy`` 1/0 near-copy,
+        ``features`` (n, f), plus the references' features and the per-feature ``scale`` style_distance used."""
+        a = self._analyse(outputs)
+        attribution = None
+        if a.predicted is not None:
+            attribution = np.where(self._intended >= 0, (a.predicted == self._intended).astype(np.float64), np.nan)
+        style = style_distance(a.features, self.reference_features, self.intended_users, self.scale)
+        return {"attribution": attribution, "copy": (a.overlaps >= self.copy_threshold).astype(np.float64),
+                "features": a.features, "reference_features": self.reference_features, "scale": style["_scale"]}
 
     def score(self, outputs: Sequence[str]) -> dict[str, Any]:
         """One system's numbers: attribution, attribution_shuffled, copy_rate, copy_overlap_mean, style_distance

@@ -193,7 +193,8 @@ def style_distance(outputs: Sequence[str] | np.ndarray, references: Sequence[str
             "reference_mean": finite_values(np.nanmean(ref_f[:, j]) if (~np.isnan(ref_f[:, j])).any() else math.nan),
             "distance": finite_values(float((terms[defined[:, j], j] * w).sum() / w.sum()) if w.size else math.nan),
         }
-    return {"style_distance": total, "style_features": features, "_per_user": per_user, "_codes": codes}
+    return {"style_distance": total, "style_features": features, "_per_user": per_user, "_codes": codes,
+            "_scale": s}
 
 
 def finite_values(x: float) -> float | None:

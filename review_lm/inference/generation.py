@@ -32,6 +32,7 @@ class GenerationSettings:
     trust_remote_code: bool = False
     base_model: str | None = None  # overrides a LoRA adapter's recorded base model
     chat_template: str = "none"  # the run's recorded template (run_folder.RunRecord): decides the stop tokens
+    num_samples: int = 1  # continuations per prompt (evaluation's --num_samples, with do_sample)
 
 
 def add_loading_arguments(parser) -> None:
@@ -73,6 +74,7 @@ class Generated:
     token_counts: list[int]  # new tokens before EOS (EOS itself not counted)
     hit_limit: list[bool]  # no EOS within max_new_tokens: the output was cut off
     info: dict[str, Any]  # resolved device / dtype / generation config, for metrics.json
+    samples: list[list[str]] | None = None  # with num_samples K > 1: per prompt all K texts (texts = the first)
 
 
 def stop_token_ids(tokenizer, chat_template: str = "none") -> list[int]:

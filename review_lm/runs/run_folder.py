@@ -39,6 +39,7 @@ LAUNCH_MARKER = ".launch.json"  # which launch's files the folder holds (restart
 FINGERPRINT_FILE = "run_fingerprint.json"  # what defines the run (arguments, data digest): resumes must match
 EVAL_DIR = "eval"
 PREDICTIONS_FILE = "predictions.jsonl"  # inside EVAL_DIR
+SAMPLE_SCORES_FILE = "sample_scores.npz"  # inside EVAL_DIR: per-sample statistics (bootstrap, --compare)
 METRICS_FILE = "metrics.json"  # inside EVAL_DIR, written last: its presence means the evaluation finished
 STYLE_FIGURE = "style.png"  # inside EVAL_DIR: lengths, punctuation, attribution confusion (style_report)
 PREDICTIONS_EVAL_SUFFIX = "_eval"  # --predictions P.jsonl without --output_dir writes P_eval/ beside the file
