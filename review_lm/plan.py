@@ -25,6 +25,7 @@ from typing import Any
 
 import data_loader_movie_review as dl
 from review_lm import adapters, sharding
+from review_lm import chunked_loss as cl
 from review_lm import completion_training as ct
 from review_lm import fault_tolerance as ft
 from review_lm.precision import PrecisionPlan, optimi_importable, plan_precision
@@ -97,6 +98,7 @@ class Hardware:
     optimi: bool = True  # torch-optimi importable (bf16-pure's optimizer)
     bitsandbytes: bool = False  # only probed for --quantization_bit
     deepspeed: bool = False  # only probed for --deepspeed
+    fused_cross_entropy: dict[str, bool] = field(default_factory=dict)  # liger / cut-cross-entropy (CUDA only)
 
 
 def flash_attn_importable() -> bool:
@@ -114,6 +116,7 @@ def probe_hardware(args: argparse.Namespace) -> Hardware:
         flash_attn=cuda and flash_attn_importable(), optimi=optimi_importable(),
         bitsandbytes=args.quantization_bit is not None and adapters.bitsandbytes_importable(),
         deepspeed=bool(args.deepspeed) and sharding.deepspeed_importable(),
+        fused_cross_entropy=cl.fused_kernels_importable() if cuda else {},
     )
 
 
@@ -195,6 +198,8 @@ class RunPlan:
     steps_per_epoch: int = 0
     max_steps: int = 0
     logging_steps: int = 0  # the training loss is logged every this many optimizer steps (and at epoch ends)
+    # How head + loss run over the kept positions (chunked_loss); the chunk size once the vocabulary is known.
+    lm_head: cl.LMHeadLossPlan = cl.LMHeadLossPlan("unchunked", "not planned")
 
     @property
     def precision(self) -> PrecisionPlan:
@@ -221,6 +226,10 @@ class RunPlan:
         """:meth:`with_splits` then :meth:`with_steps` (where both are known at once)."""
         return self.with_splits(args, has_val).with_steps(args, train_sequences)
 
+    def with_vocab(self, vocab_size: int) -> RunPlan:
+        """The plan completed by the model's vocabulary (the head's width): the logits chunk size."""
+        return replace(self, lm_head=self.lm_head.with_vocab(vocab_size))
+
     def record(self) -> dict[str, Any]:
         """The decisions as training_config.json's ``resolved`` section records them (model facts come apart)."""
         p = self.precision
@@ -233,7 +242,7 @@ class RunPlan:
             "logging_steps": self.logging_steps,
             "report_to": self.report_to, **self.efficiency.facts(), "resumed_from": self.resumed_from,
             "quantization": f"{self.quantization.bits}-bit nf4" if self.quantization else None,
-            "sharding": self.sharding.describe(),
+            "sharding": self.sharding.describe(), **self.lm_head.facts(),
         }
 
 
@@ -250,6 +259,9 @@ def plan_hardware(args: argparse.Namespace, hw: Hardware, world_size: int, repor
                            bool(args.deepspeed))
     efficiency = ct.plan_efficiency(args.disable_packing, args.disable_completion_only_logits, runtime.attention,
                                     args.trust_remote_code)
+    lm_head = cl.choose_lm_head_loss(efficiency.completion_only_logits, shard_plan.kind, hw.cuda,
+                                     runtime.precision.compute_dtype, hw.fused_cross_entropy,
+                                     getattr(args, "lm_head_loss", "auto"))
     return RunPlan(runtime, efficiency, quantization, shard_plan, world_size,
                    args.batch_size * args.gradient_accumulation_steps * world_size, report_to, report_message,
-                   resumed_from)
+                   resumed_from, lm_head=lm_head)

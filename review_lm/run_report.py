@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 import data_loader_movie_review as dl
-from review_lm import data_report, run_folder
+from review_lm import chunked_loss, data_report, run_folder
 from review_lm.plan import RunPlan
 from review_lm.utils import pyplot, write_atomic
 
@@ -49,6 +49,7 @@ def start_summary(args, data: dl.ReviewData, splits: dict[str, list[dl.Sample]],
         f"packing     {'on' if facts['packing'] else 'off'}: {facts['packing_reason']}",
         f"logits      {'labelled positions only' if facts['completion_only_logits'] else 'every position'}: "
         f"{facts['completion_only_logits_reason']}",
+        *chunked_loss.summary_rows(facts),
         *scaling_summary_rows(facts),
         f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",
