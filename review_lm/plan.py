@@ -5,9 +5,10 @@ Three steps, each a pure function of what it is given (tested branch by branch w
 * :func:`validate_arguments` - every flag and flag combination that needs neither data nor hardware, one line
   each (:class:`~review_lm.utils.UsageError`), before anything is read or written;
 * :func:`plan_hardware` - given the probed :class:`Hardware`: precision (``precision``), attention
-  (:func:`choose_attention`), packing and completion-only logits (``completion_training``), QLoRA
-  (``adapters``) and sharding (``sharding``); contradictions with the hardware are refused here, still before
-  the data is read;
+  (:func:`choose_attention`), packing and completion-only logits (``completion_training``), how head + loss
+  run over the kept positions (``chunked_loss``; the chunk size once the vocabulary is known,
+  :meth:`RunPlan.with_vocab`), QLoRA (``adapters``) and sharding (``sharding``); contradictions with the hardware
+  are refused here, still before the data is read;
 * :meth:`RunPlan.with_splits` / :meth:`RunPlan.with_steps` - once the data is split: whether there is a validation
   split and the checkpoint/evaluation schedule (``fault_tolerance``); once it is tokenized: the optimizer steps
   and the logging cadence.

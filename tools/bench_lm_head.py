@@ -14,6 +14,9 @@ no checkpoints inside the measured runtime). Configurations:
                           tools/bench_train.py configures it (completion-only loss, padded batches,
                           gradient_checkpointing=False, fp32 on the CPU)
 
+On 2 shared cores the conversation configurations take ~1 min each, spec ~3 min; TRL (logits at every padded
+position) ~285 s per optimizer step, about an hour for the epoch: --timeout bounds it.
+
     flock /tmp/heavy.lock .venv/bin/python tools/bench_lm_head.py
     .venv/bin/python tools/bench_lm_head.py --configs conversation-unchunked conversation-chunked --json out.json
 """
