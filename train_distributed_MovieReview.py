@@ -32,7 +32,16 @@ import data_loader_movie_review as dl
 from review_lm.inference import model_loading as ml
 from review_lm.runs import checkpoints, disk_space, fingerprint, launch, restart, run_folder, test_set
 from review_lm.runs import lock as run_lock
-from review_lm.training import adapters, graceful_stop, model_setup, process_group, progress, sharding, tracking
+from review_lm.training import (
+    adapters,
+    graceful_stop,
+    lm_head_plan,
+    model_setup,
+    process_group,
+    progress,
+    sharding,
+    tracking,
+)
 from review_lm.training import report as run_report
 from review_lm.training.plan import (
     CHAT_TEMPLATE_FLAGS,
@@ -123,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="pad each micro-batch to its longest sample instead of packing it into one row")
     run.add_argument("--disable_completion_only_logits", action="store_true",
                      help="compute the LM head at every position, not only where the next token is labelled")
+    # Hidden: the kept logits built whole (the path before chunking) for comparisons; auto is right for users.
+    run.add_argument("--lm_head_loss", choices=lm_head_plan.REQUESTS, default="auto", help=argparse.SUPPRESS)
     run.add_argument("--report_to", choices=["wandb", "none"], default=None,
                      help="experiment tracking (default: wandb if installed, offline when not logged in)")
     run.add_argument("--wandb_project", default="MovieReview", help="W&B project name")
@@ -217,6 +228,11 @@ def run(args: argparse.Namespace, rank: int, start: restart.RunStart, lock: run_
         prepared.release_texts()
     model = None if args.preview_only else model_setup.load_training_model(args, source, local_only, plan)
     model_facts = adapters.describe(args, model)
+    if model is not None:  # the logits chunk follows the head's width; its memory is told next to the model's
+        plan = plan.with_vocab(model.config.get_text_config().vocab_size)
+        model_facts.update(lm_head_plan.memory_facts(
+            plan.lm_head, model_facts.get("total_params"), plan.runtime.weights_dtype,
+            prepared.datasets["train"].labelled_tokens(), prepared.size("train"), args.batch_size, args.max_length))
     data_facts = prepared.data_facts(plan.steps_per_epoch)  # the start summary and the record print the same
     if rank == 0:
         start_output_dir(args, prepared, plan, model_facts, data_facts, start, lock)
@@ -305,13 +321,16 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
 def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPlan):
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainingArguments
 
+    from review_lm.training import chunked_loss, samplers
     from review_lm.training import completion_training as ct
-    from review_lm.training import samplers
 
     has_val, efficiency = plan.has_val, plan.efficiency
     if efficiency.completion_only_logits and not ct.model_accepts_logits_to_keep(model):
         raise UsageError(f"{args.model_path}: the model's forward takes no logits_to_keep; pass "
                          "--disable_completion_only_logits")
+    if plan.lm_head.kind != "unchunked" and chunked_loss.plain_head(model) is None:
+        raise UsageError(f"{args.model_path}: the LM head is not a plain linear layer, so head + loss cannot run "
+                         "outside the model's forward; pass --lm_head_loss unchunked")
     if plan.report_to == "wandb":
         tracking.configure_wandb_project(os.environ, args.wandb_project)
     training_args = TrainingArguments(
@@ -359,6 +378,8 @@ def build_trainer(args, model, tokenizer, prepared: rd.PreparedData, plan: RunPl
         optimizer_cls_and_kwargs=plan.precision.optimizer_cls_and_kwargs(args.learning_rate),
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if has_val else [],
         completion_only_logits=efficiency.completion_only_logits,
+        lm_head_loss=plan.lm_head.kind,
+        logits_chunk_rows=plan.lm_head.chunk_rows,
     )
     # Readable log lines (and one progress bar only in a terminal) instead of Trainer's printed dicts.
     trainer.remove_callback(ProgressCallback)

@@ -72,9 +72,12 @@ class CompletionTrainer(Trainer):
     ``compute_loss`` (summed over processes).
     """
 
-    def __init__(self, *args, completion_only_logits: bool = True, **kwargs):
+    def __init__(self, *args, completion_only_logits: bool = True, lm_head_loss: str = "unchunked",
+                 logits_chunk_rows: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.completion_only_logits = completion_only_logits
+        # How head + loss run over the kept positions (chunked_loss): "unchunked" builds the kept logits whole.
+        self.lm_head_loss, self.logits_chunk_rows = lm_head_loss, logits_chunk_rows
         self._eval_sums: list[torch.Tensor] = []  # per evaluation batch: (loss sum, labelled tokens)
 
     def evaluation_loop(self, *args, **kwargs):
@@ -108,12 +111,21 @@ class CompletionTrainer(Trainer):
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         targets = next_token_labels(inputs["labels"])
         keep = targets != IGNORE_INDEX  # 2-D bool: the model returns logits (num_kept, vocab), row-major
-        outputs = model(**forward_inputs, logits_to_keep=keep)
         unwrapped = self.accelerator.unwrap_model(model)
-        # The model's own causal-LM loss on the kept logits: shift_labels given, so it does not shift again;
-        # sum / num_items_in_batch when Trainer passes it (gradient accumulation), mean otherwise.
-        loss = unwrapped.loss_function(logits=outputs.logits, labels=None, vocab_size=outputs.logits.shape[-1],
-                                       num_items_in_batch=num_items_in_batch, shift_labels=targets[keep])
+        if self.lm_head_loss != "unchunked":  # head + loss a chunk at a time, or a fused kernel (chunked_loss)
+            from review_lm.training import chunked_loss
+
+            summed, outputs = chunked_loss.summed_kept_loss(self.lm_head_loss, model, unwrapped, forward_inputs,
+                                                            keep, targets[keep], self.logits_chunk_rows)
+            # The same normalisation as the model's loss_function: / num_items_in_batch, else the token mean.
+            divisor = keep.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = summed / (divisor.to(summed.device) if torch.is_tensor(divisor) else divisor)
+        else:
+            outputs = model(**forward_inputs, logits_to_keep=keep)
+            # The model's own causal-LM loss on the kept logits: shift_labels given, so it does not shift again;
+            # sum / num_items_in_batch when Trainer passes it (gradient accumulation), mean otherwise.
+            loss = unwrapped.loss_function(logits=outputs.logits, labels=None, vocab_size=outputs.logits.shape[-1],
+                                           num_items_in_batch=num_items_in_batch, shift_labels=targets[keep])
         # Same as Trainer.compute_loss: num_items_in_batch counts every process's tokens, DDP averages gradients.
         if (self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
                 and num_items_in_batch is not None):

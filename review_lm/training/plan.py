@@ -5,9 +5,10 @@ Three steps, each a pure function of what it is given (tested branch by branch w
 * :func:`validate_arguments` - every flag and flag combination that needs neither data nor hardware, one line
   each (:class:`~review_lm.utils.UsageError`), before anything is read or written;
 * :func:`plan_hardware` - given the probed :class:`Hardware`: precision (``precision``), attention
-  (:func:`choose_attention`), packing and completion-only logits (``completion_training``), QLoRA
-  (``adapters``) and sharding (``sharding``); contradictions with the hardware are refused here, still before
-  the data is read;
+  (:func:`choose_attention`), packing and completion-only logits (``completion_training``), how head + loss
+  run over the kept positions (``training.chunked_loss``; the chunk size once the vocabulary is known,
+  :meth:`RunPlan.with_vocab`), QLoRA (``adapters``) and sharding (``sharding``); contradictions with the hardware
+  are refused here, still before the data is read;
 * :meth:`RunPlan.with_splits` / :meth:`RunPlan.with_steps` - once the data is split: whether there is a validation
   split and the checkpoint/evaluation schedule (:func:`checkpoint_schedule`); once it is tokenized: the optimizer steps
   and the logging cadence.
@@ -26,7 +27,7 @@ from typing import Any
 from review_lm.data.chat_layout import TEMPLATE_BUILTIN, TEMPLATE_NONE, TEMPLATE_TOKENIZER
 from review_lm.data.prompts import PROMPT_FORMATS
 from review_lm.data.splitting import check_ratios
-from review_lm.training import adapters, sharding
+from review_lm.training import adapters, lm_head_plan, sharding
 from review_lm.training.efficiency import EfficiencyPlan, plan_efficiency
 from review_lm.training.precision import PrecisionPlan, optimi_importable, plan_precision
 from review_lm.training.progress import logging_cadence
@@ -92,6 +93,7 @@ class Hardware:
     optimi: bool = True  # torch-optimi importable (bf16-pure's optimizer)
     bitsandbytes: bool = False  # only probed for --quantization_bit
     deepspeed: bool = False  # only probed for --deepspeed
+    fused_cross_entropy: dict[str, bool] = field(default_factory=dict)  # liger / cut-cross-entropy (CUDA only)
 
 
 def flash_attn_importable() -> bool:
@@ -109,6 +111,7 @@ def probe_hardware(args: argparse.Namespace) -> Hardware:
         flash_attn=cuda and flash_attn_importable(), optimi=optimi_importable(),
         bitsandbytes=args.quantization_bit is not None and adapters.bitsandbytes_importable(),
         deepspeed=bool(args.deepspeed) and sharding.deepspeed_importable(),
+        fused_cross_entropy=lm_head_plan.fused_kernels_importable() if cuda else {},
     )
 
 
@@ -190,6 +193,8 @@ class RunPlan:
     steps_per_epoch: int = 0
     max_steps: int = 0
     logging_steps: int = 0  # the training loss is logged every this many optimizer steps (and at epoch ends)
+    # How head + loss run over the kept positions (chunked_loss); the chunk size once the vocabulary is known.
+    lm_head: lm_head_plan.LMHeadLossPlan = lm_head_plan.LMHeadLossPlan("unchunked", "not planned")
 
     @property
     def precision(self) -> PrecisionPlan:
@@ -212,6 +217,10 @@ class RunPlan:
         return replace(self, schedule=schedule, steps_per_epoch=steps, max_steps=steps * args.max_epochs,
                        logging_steps=logging_cadence(args.logging_steps, steps))
 
+    def with_vocab(self, vocab_size: int) -> RunPlan:
+        """The plan completed by the model's vocabulary (the head's width): the logits chunk size."""
+        return replace(self, lm_head=self.lm_head.with_vocab(vocab_size))
+
     def record(self) -> dict[str, Any]:
         """The decisions as training_config.json's ``resolved`` section records them (model facts come apart)."""
         p = self.precision
@@ -224,7 +233,7 @@ class RunPlan:
             "logging_steps": self.logging_steps,
             "report_to": self.report_to, **self.efficiency.facts(), "resumed_from": self.resumed_from,
             "quantization": f"{self.quantization.bits}-bit nf4" if self.quantization else None,
-            "sharding": self.sharding.describe(),
+            "sharding": self.sharding.describe(), **self.lm_head.facts(),
         }
 
 
@@ -241,9 +250,12 @@ def plan_hardware(args: argparse.Namespace, hw: Hardware, world_size: int, repor
                            bool(args.deepspeed))
     efficiency = plan_efficiency(args.disable_packing, args.disable_completion_only_logits, runtime.attention,
                                  args.trust_remote_code)
+    lm_head = lm_head_plan.choose_lm_head_loss(efficiency.completion_only_logits, shard_plan.kind, hw.cuda,
+                                               runtime.precision.compute_dtype, hw.fused_cross_entropy,
+                                               getattr(args, "lm_head_loss", "auto"))
     return RunPlan(runtime, efficiency, quantization, shard_plan, world_size,
                    args.batch_size * args.gradient_accumulation_steps * world_size, report_to, report_message,
-                   resumed_from)
+                   resumed_from, lm_head=lm_head)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 from review_lm.data import report as data_report
 from review_lm.data.reviews import ReviewData, Sample
 from review_lm.runs import run_folder
+from review_lm.training import lm_head_plan
 from review_lm.training.plan import RunPlan
 from review_lm.utils import pyplot, write_atomic
 
@@ -50,6 +51,7 @@ def start_summary(args, data: ReviewData, splits: dict[str, list[Sample]], plan:
         f"packing     {'on' if facts['packing'] else 'off'}: {facts['packing_reason']}",
         f"logits      {'labelled positions only' if facts['completion_only_logits'] else 'every position'}: "
         f"{facts['completion_only_logits_reason']}",
+        *lm_head_plan.summary_rows(facts),
         *scaling_summary_rows(facts),
         f"processes   world size {facts['world_size']}; effective batch {args.batch_size} x "
         f"{args.gradient_accumulation_steps} x {facts['world_size']} = {facts['effective_batch_size']}",
