@@ -433,7 +433,8 @@ def format_summary(plan: InputPlan, sink: Collector, selection: Selection, outpu
              f"users written:   {len(users):,} of {selection.read:,} read"]
     why = (f"the loader's 0.7/0.15/0.15 split needs {min_reviews} per user" if min_is_default
            else "--min_reviews")
-    lines.append(f"  fewer than {min_reviews} reviews: {_users(selection.too_few)} ({why})")
+    if selection.too_few or min_is_default:
+        lines.append(f"  fewer than {min_reviews} reviews: {_users(selection.too_few)} ({why})")
     if selection.not_listed or selection.unmatched:
         lines.append(f"  not in --users: {selection.not_listed:,}"
                      + (f"; matched nobody: {', '.join(selection.unmatched)}" if selection.unmatched else ""))
@@ -448,7 +449,8 @@ def format_summary(plan: InputPlan, sink: Collector, selection: Selection, outpu
     if sink.out_of_range:
         lines.append(f"  outside --since/--until: {sink.out_of_range:,}")
     lines += [f"note: {reason}: {t.count:,} (first: {t.first})" for reason, t in sink.notes.items()]
-    where = f"{output.path}{os.sep} ({len(users):,} files, one per user)" if output.per_user else output.path
+    where = (f"{output.path.rstrip(os.sep)}{os.sep} ({len(users):,} files, one per user)" if output.per_user
+             else output.path)
     lines.append(f"written: {where}")
     lines.append(f"next:    python data_loader_movie_review.py {output.path}")
     return "\n".join(lines)

@@ -252,9 +252,12 @@ def test_moviedata_trio_imports_with_titles_names_and_time_order(moviedata_files
     names = sorted(p.name for p in out_dir.iterdir())
     assert len(names) == 2 and all(re.fullmatch(r"user_[\w-]+_[0-9a-f]{10}\.json", n) for n in names)
     assert f"written: {out_dir}{os.sep} (2 files, one per user)" in out
-    # Stable names: the same import gives the same files.
+    # Stable names: the same import gives the same files; --overwrite replaces the folder whole (a user file of
+    # an earlier import would otherwise be loaded as one more user).
+    (out_dir / "user_stale_0123456789.json").write_text("[]", encoding="utf-8")
     rc, _, _ = run_import(capsys, comments, movies, users, "--output", out_dir, "--overwrite")
     assert rc == 0 and sorted(p.name for p in out_dir.iterdir()) == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comments.csv", "movies.csv", "out", "users.csv"]
 
 
 def test_moviedata_without_movies_csv_is_one_line(moviedata_files, tmp_path, capsys):
