@@ -517,8 +517,8 @@ def test_the_import_never_loads_torch_or_transformers():
     assert result.stdout.strip() == "[]"
 
 
-def docs_commands() -> list[list[str]]:
-    """The import_douban.py commands of docs/import.md's bash blocks, continuations joined."""
+def docs_commands(script: str) -> list[list[str]]:
+    """The arguments of every ``python SCRIPT`` command in docs/import.md's bash blocks, continuations joined."""
     import shlex
 
     text = (REPO / "docs" / "import.md").read_text(encoding="utf-8")
@@ -526,17 +526,27 @@ def docs_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line.split(" #")[0]) if not line.lstrip().startswith("#") else []
-            if words[:2] == ["python", "import_douban.py"]:
+            if words[:2] == ["python", script]:
                 found.append(words[2:])
     return found
 
 
 def test_the_documented_commands_parse():
-    commands = docs_commands()
+    commands = docs_commands("import_douban.py")
     assert len(commands) >= 5
     for argv in commands:
         args = import_douban.parse_args(argv)
         import_douban.check_flags(args)
+
+
+def test_the_documented_training_commands_pass_the_training_flag_checks():
+    import train_distributed_MovieReview as tr
+    from review_lm.plan import validate_arguments
+
+    commands = docs_commands("train_distributed_MovieReview.py")
+    assert len(commands) == 2  # the export path and the data-set path
+    for argv in commands:
+        validate_arguments(tr.parse_args(argv))
 
 
 @pytest.mark.slow
