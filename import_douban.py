@@ -27,15 +27,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="the layout's file(s): tofu .xlsx; DMSC.csv; comments.csv movies.csv [users.csv]; "
                              "reviews.json movies.json")
-    parser.add_argument("--output", required=True,
+    parser.add_argument("--output", required=True, metavar="PATH",
                         help="a .json file (all users), or a folder (one file per user); a .json with more than "
                              f"{di.FILE_USER_LIMIT} users becomes the folder of that name")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="the layout (auto: detect)")
-    parser.add_argument("--user_name", help="the user's name (required for tofu, the export of one person)")
-    parser.add_argument("--min_reviews", type=int, default=None,
+    parser.add_argument("--user_name", metavar="NAME",
+                        help="the user's name (required for tofu, the export of one person)")
+    parser.add_argument("--min_reviews", type=int, default=None, metavar="N",
                         help=f"keep users with at least N non-empty reviews (default {di.loader_minimum_reviews()}: "
                              "what the loader's 0.7/0.15/0.15 split needs for one train, val and test review)")
-    parser.add_argument("--max_users", type=int, help="keep the N users with the most reviews (ties: first seen)")
+    parser.add_argument("--max_users", type=int, metavar="N",
+                        help="keep the N users with the most reviews (ties: first seen)")
     parser.add_argument("--users", nargs="+", metavar="ID_OR_NAME", help="keep only these users (ids or names)")
     parser.add_argument("--since", metavar="YYYY-MM-DD", help="keep reviews from this day on")
     parser.add_argument("--until", metavar="YYYY-MM-DD", help="keep reviews up to this day (inclusive)")
