@@ -9,7 +9,7 @@ Moviedata-10M's comments.csv + movies.csv (+ users.csv), DMR's reviews.json + mo
 
 The story: check the flags and the output, detect the inputs, stream every row into a collector that skips and
 counts what it cannot use, keep the users with enough reviews, write atomically, print a one-screen summary.
-The mechanisms live in review_lm/douban_import.py and review_lm/douban_formats.py. Pure data: no torch.
+The mechanisms live in review_lm/data/douban_import.py and review_lm/data/douban_formats.py. Pure data: no torch.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from review_lm import douban_import as di
-from review_lm.douban_formats import FORMATS, parse_day
+from review_lm.data import douban_import as di
+from review_lm.data import douban_output as do
+from review_lm.data.douban_formats import FORMATS, parse_day
 from review_lm.utils import ArgumentParser, UsageError
 
 
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "reviews.json movies.json")
     parser.add_argument("--output", required=True, metavar="PATH",
                         help="a .json file (all users), or a folder (one file per user); a .json with more than "
-                             f"{di.FILE_USER_LIMIT} users becomes the folder of that name")
+                             f"{do.FILE_USER_LIMIT} users becomes the folder of that name")
     parser.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="the layout (auto: detect)")
     parser.add_argument("--user_name", metavar="NAME",
                         help="the user's name (required for tofu, the export of one person)")
@@ -69,7 +70,7 @@ def check_flags(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     min_reviews = check_flags(args)
-    output = di.plan_output(args.output, args.overwrite)
+    output = do.plan_output(args.output, args.overwrite)
     inputs = di.plan_inputs(args.inputs, args.format)
     if inputs.format == "tofu" and not args.user_name:
         raise UsageError("the tofu export holds one person's reviews without their name: give --user_name NAME")
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     selection = di.select_users(kept, len(sink.users), too_few, args.users, args.max_users)
     di.fail_if_nothing(selection, sink, min_reviews)
 
-    output = di.fit_output(output, len(selection.users))
-    di.write_output(output, selection.users)
+    output = do.fit_output(output, len(selection.users))
+    do.write_output(output, selection.users)
     print(di.format_summary(inputs, sink, selection, output, min_reviews, args.min_reviews is None))
     return 0
 

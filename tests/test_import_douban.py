@@ -23,8 +23,10 @@ import pytest
 
 import data_loader_movie_review as dl
 import import_douban
-from review_lm import douban_formats as fmt
-from review_lm import douban_import as di
+from review_lm.data import douban_formats as fmt
+from review_lm.data import douban_import as di
+from review_lm.data import douban_output as do
+from review_lm.data.prompts import TASK_DESCRIPTION
 from tests.helpers import REPO
 
 DMSC_HEADER = ["ID", "Movie_Name_EN", "Movie_Name_CN", "Crawl_Date", "Number", "Username", "Date", "Star",
@@ -134,7 +136,7 @@ def test_dmsc_fixture_imports_to_the_expected_user_and_skips_counted_by_reason(d
     record = raw[0]["task"]["task_behavior_collections"][0]["data"][0]
     assert record == {"context": [], "continuation": "成龙", "continuation_prefix": "天将雄师: ",
                       "timestamp": "2015-02-19"}
-    assert raw[0]["task"]["description"] == di.TASK_DESCRIPTION
+    assert raw[0]["task"]["description"] == TASK_DESCRIPTION
     assert raw[0]["task"]["task_behavior_collections"][0]["type"] == dl.REVIEW_TYPE
 
 
@@ -179,7 +181,7 @@ def test_users_and_max_users_pick_by_name_then_by_review_count(dmsc_file, tmp_pa
 
 
 def test_max_users_ties_keep_first_seen_order():
-    users = [di.UserReviews(k, k) for k in "abcd"]
+    users = [do.UserReviews(k, k) for k in "abcd"]
     for user, n in zip(users, (2, 3, 2, 2), strict=True):
         user.non_empty = n
     picked = di.select_users(users, 4, 0, None, 2).users
@@ -416,7 +418,7 @@ def test_a_folder_with_other_files_is_never_replaced(dmsc_file, tmp_path, capsys
 
 
 def test_many_users_in_a_json_output_become_a_folder(dmsc_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(di, "FILE_USER_LIMIT", 1)
+    monkeypatch.setattr(do, "FILE_USER_LIMIT", 1)
     rc, out, err = run_import(capsys, dmsc_file, "--output", tmp_path / "all.json", "--min_reviews", "1")
     assert rc == 0, err
     assert not (tmp_path / "all.json").exists() and len(list((tmp_path / "all").iterdir())) == 2
@@ -424,18 +426,18 @@ def test_many_users_in_a_json_output_become_a_folder(dmsc_file, tmp_path, capsys
 
 
 def test_the_written_text_is_the_entry_one_review_a_line():
-    user = di.UserReviews("k", "名字 \"引号\"\n")
+    user = do.UserReviews("k", "名字 \"引号\"\n")
     user.reviews = {("2015-01-02", "片名", "第一行\n第二行"): "", ("2015-01-01", "别的: 片", ""): "08:00:00"}
-    text = di.user_json(user)
-    assert json.loads(text) == di.user_entry(user)
+    text = do.user_json(user)
+    assert json.loads(text) == do.user_entry(user)
     lines = text.splitlines()
     assert lines[-7] == ('            {"context": [], "continuation": "", "continuation_prefix": "别的: 片: ", '
                          '"timestamp": "2015-01-01"},')
 
 
 def test_user_file_names_are_safe_and_distinct():
-    users = [di.UserReviews("k1", "a/b:c*?"), di.UserReviews("k2", "a/b:c*?"), di.UserReviews("k3", "..")]
-    names = di.user_file_names(users)
+    users = [do.UserReviews("k1", "a/b:c*?"), do.UserReviews("k2", "a/b:c*?"), do.UserReviews("k3", "..")]
+    names = do.user_file_names(users)
     assert len(set(names)) == 3
     assert all(re.fullmatch(r"user_[\w-]+_[0-9a-f]{10}(-\d+)?\.json", n) for n in names), names
 
@@ -511,7 +513,7 @@ def test_clock_orders_within_a_day():
 
 
 def test_the_import_never_loads_torch_or_transformers():
-    code = ("import sys, import_douban, review_lm.douban_import, review_lm.douban_formats; "
+    code = ("import sys, import_douban, review_lm.data.douban_import, review_lm.data.douban_formats; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'pandas')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -541,7 +543,7 @@ def test_the_documented_commands_parse():
 
 def test_the_documented_training_commands_pass_the_training_flag_checks():
     import train_distributed_MovieReview as tr
-    from review_lm.plan import validate_arguments
+    from review_lm.training.plan import validate_arguments
 
     commands = docs_commands("train_distributed_MovieReview.py")
     assert len(commands) == 2  # the export path and the data-set path

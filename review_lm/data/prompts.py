@@ -14,6 +14,8 @@ from typing import Any
 from review_lm.data.reviews import Review, Sample, UserHistory
 
 PROMPT_FORMATS = ("spec", "conversation")  # --prompt_format: one sample per review, or one conversation per user
+# The spec's task description (the 任务 line): what importers write into new review files.
+TASK_DESCRIPTION = "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式"
 IGNORE_INDEX = -100  # label value that the loss ignores (transformers / PyTorch convention); the one definition
 
 

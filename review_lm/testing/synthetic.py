@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from review_lm.data.prompts import TASK_DESCRIPTION
+from review_lm.data.reviews import REVIEW_TYPE
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # review_lm/testing/ -> repo
 REAL_DIR = os.path.join(REPO, "..", "shared", "data", "douban_dmr")
 REAL_DATA = os.path.join(REAL_DIR, "multi_user_4.json")
-TASK = "基于用户在豆瓣上的历史影评数据，模拟该用户的影评风格和行为模式"
 
 
 def review_pool(all_files: bool = False) -> list[dict]:
@@ -39,8 +41,9 @@ def synthetic_user(pool: list[dict], n: int, name: str = "bench", start: int = 0
         if distinct:
             r["continuation"] = f"{r['continuation']} ({name}-{i})"
         records.append(r)
+    collection = {"type": REVIEW_TYPE, "data": records}
     return {"user": {"profile": {"name": name}},
-            "task": {"description": TASK, "task_behavior_collections": [{"type": "movie_review", "data": records}]}}
+            "task": {"description": TASK_DESCRIPTION, "task_behavior_collections": [collection]}}
 
 
 def write_test_set(test_samples: list, folder: str) -> str:
