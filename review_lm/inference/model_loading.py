@@ -26,7 +26,6 @@ torch / transformers / peft are imported inside the functions, so checking a fol
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -34,7 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from review_lm.runs.run_folder import ADAPTER_CONFIG, KIND_ADAPTER, has_tokenizer_files, model_kind
+from review_lm.runs.run_folder import (
+    ADAPTER_CONFIG,
+    CONFIG,
+    KIND_ADAPTER,
+    has_tokenizer_files,
+    model_kind,
+    read_json,
+)
 from review_lm.utils import UsageError, torch_dtype_name
 
 logger = logging.getLogger("movie_review")
@@ -148,14 +154,59 @@ def adapter_base_model(model_dir: str) -> str:
     """``base_model_name_or_path`` from the adapter's config (one-line error when it is unreadable or absent)."""
     path = os.path.join(model_dir, ADAPTER_CONFIG)
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path}: cannot read the adapter config: {' '.join(str(err).split())}") from None
+        config = read_json(path)  # the shared reader: no traceback for a hand-edited, hostile file
+    except UsageError as err:
+        raise UsageError(f"cannot read the adapter config: {err}") from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(base, str) or not base.strip():
         raise UsageError(f"{path}: no base_model_name_or_path, so the base model is unknown; pass --base_model PATH")
     return base
+
+
+# What makes two models the same architecture, read from config.json without loading weights. An adapter applied
+# to a base that differs in any of these fails with shape errors, or worse, loads and writes nonsense.
+ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def config_differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """``hidden_size 64 -> 128``, one phrase per architecture fact that differs between two config.json. Pure."""
+    return [f"{key} {recorded.get(key)!r} -> {given.get(key)!r}" for key in ARCHITECTURE_KEYS
+            if recorded.get(key) != given.get(key)]
+
+
+def _local_config(model: str) -> dict[str, Any] | None:
+    """A local model folder's config.json (None for a hub id, or a folder without a readable one)."""
+    path = os.path.join(model, CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        config = read_json(path)
+    except UsageError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_base_model(model_dir: str, base_model: str | None) -> str | None:
+    """``--base_model`` for a LoRA run: refused (one line) when its config.json differs from the recorded base's
+    in architecture; a note (returned) when it is the same architecture at another path. None when there is
+    nothing to say: a full model, no --base_model, the recorded base itself, or configs that cannot be read here
+    (a hub id, a recorded base that moved: the loader names that case)."""
+    if not base_model or model_kind(model_dir) != KIND_ADAPTER:
+        return None
+    recorded = adapter_base_model(model_dir)
+    if os.path.realpath(recorded) == os.path.realpath(base_model) or recorded == base_model:
+        return None
+    recorded_config, given_config = _local_config(recorded), _local_config(base_model)
+    if given_config is None or recorded_config is None:
+        return None
+    differences = config_differences(recorded_config, given_config)
+    if differences:
+        raise UsageError(f"--base_model {base_model} is not the model the adapter in {model_dir} was trained on "
+                         f"({recorded}): {'; '.join(differences)}; pass that model (or one of the same architecture)")
+    return (f"--base_model {base_model} replaces the adapter's recorded base {recorded} (same architecture: "
+            f"{given_config.get('model_type')}, hidden_size {given_config.get('hidden_size')}, vocab_size "
+            f"{given_config.get('vocab_size')})")
 
 
 def base_model_source(base: str, environ: Mapping[str, str]) -> tuple[str, bool]:
