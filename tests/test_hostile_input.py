@@ -271,6 +271,27 @@ def test_lora_base_model_of_another_architecture_is_refused_and_a_moved_one_note
         ["model_type 'qwen2' -> 'llama'"]
 
 
+def test_a_moved_base_is_checked_against_the_adapters_weight_shapes(tmp_path, tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(str(run))
+    assert model_loading.adapter_weight_facts(str(run)) == {"hidden_size": 64, "layers": 2}
+    config = json.loads((run / rf.ADAPTER_CONFIG).read_text())
+    (run / rf.ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    wider = other_base(tiny_model, tmp_path / "wider", hidden_size=96)
+    with pytest.raises(UsageError, match=r"its LoRA weights take hidden_size 64, the model has 96; pass that model"):
+        model_loading.check_base_model(str(run), wider)
+    shallower = other_base(tiny_model, tmp_path / "shallower", num_hidden_layers=1)
+    with pytest.raises(UsageError, match=r"its LoRA weights reach layer 1, the model has 1 layers"):
+        model_loading.check_base_model(str(run), shallower)
+    assert "which is not here to compare with; the adapter's weight shapes fit it" in \
+        model_loading.check_base_model(str(run), tiny_model)
+
+
 def test_a_checkpoint_outside_the_run_folder_resumes_only_the_same_run(tmp_path):
     args = tr.parse_args(["--data_file", EXAMPLE, "--output_dir", str(tmp_path / "new"), "--model_path", "m"])
     current = fingerprint.current_fingerprint(args, 1)

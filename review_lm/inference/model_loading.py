@@ -26,8 +26,10 @@ torch / transformers / peft are imported inside the functions, so checking a fol
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from typing import Any
 
 from review_lm.runs.run_folder import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CONFIG,
     KIND_ADAPTER,
     has_tokenizer_files,
@@ -176,8 +179,17 @@ def config_differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) ->
 
 
 def _local_config(model: str) -> dict[str, Any] | None:
-    """A local model folder's config.json (None for a hub id, or a folder without a readable one)."""
-    path = os.path.join(model, CONFIG)
+    """A model's config.json, read without loading anything: from its folder, or for a hub id from the local
+    Hugging Face cache (never the network). None when there is no readable one here."""
+    path = os.path.join(os.path.expanduser(model), CONFIG)
+    if not os.path.isfile(path) and not looks_like_path(model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, CONFIG)
+        except Exception:  # noqa: BLE001 - a malformed id or an unreadable cache: nothing to compare against
+            cached = None
+        path = cached if isinstance(cached, str) else path
     if not os.path.isfile(path):
         return None
     try:
@@ -187,23 +199,65 @@ def _local_config(model: str) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+_HIDDEN_INPUT_RE = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_A(\.default)?\.weight$")
+_MAX_HEADER = 100 << 20  # a safetensors header is a few KB per tensor; more is not a header
+
+
+def adapter_weight_facts(model_dir: str) -> dict[str, int]:
+    """What the adapter's own weights say about its base, from the safetensors header only (no tensor read):
+    ``hidden_size`` (the input width of a q/k/v/gate/up projection's lora_A) and ``layers`` (highest layer + 1)."""
+    path = os.path.join(model_dir, ADAPTER_WEIGHTS)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= _MAX_HEADER else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    facts: dict[str, int] = {}
+    for name, info in (header.items() if isinstance(header, dict) else ()):
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (layer := _LAYER_RE.search(name)) is not None:
+            facts["layers"] = max(facts.get("layers", 0), int(layer.group(1)) + 1)
+        if _HIDDEN_INPUT_RE.search(name) and isinstance(shape, list) and len(shape) == 2:
+            facts["hidden_size"] = shape[1]
+    return facts
+
+
+def weight_mismatches(facts: Mapping[str, int], config: Mapping[str, Any]) -> list[str]:
+    """Where the adapter's weights cannot fit a base of ``config``, one phrase each. Pure."""
+    out = []
+    if "hidden_size" in facts and config.get("hidden_size") not in (None, facts["hidden_size"]):
+        out.append(f"its LoRA weights take hidden_size {facts['hidden_size']}, the model has "
+                   f"{config.get('hidden_size')}")
+    layers = config.get("num_hidden_layers")
+    if "layers" in facts and isinstance(layers, int) and facts["layers"] > layers:
+        out.append(f"its LoRA weights reach layer {facts['layers'] - 1}, the model has {layers} layers")
+    return out
+
+
 def check_base_model(model_dir: str, base_model: str | None) -> str | None:
-    """``--base_model`` for a LoRA run: refused (one line) when its config.json differs from the recorded base's
-    in architecture; a note (returned) when it is the same architecture at another path. None when there is
-    nothing to say: a full model, no --base_model, the recorded base itself, or configs that cannot be read here
-    (a hub id, a recorded base that moved: the loader names that case)."""
+    """``--base_model`` for a LoRA run, checked before anything loads: refused (one line) when its config.json
+    differs in architecture from the recorded base's (a folder, or a hub id in the local cache) or, when the
+    recorded base is not here, from what the adapter's weight shapes need; a note (returned) when it is the same
+    architecture at another path. None when there is nothing to say: a full model, no --base_model, the recorded
+    base itself, or a --base_model whose config cannot be read here (the loader speaks for it then)."""
     if not base_model or model_kind(model_dir) != KIND_ADAPTER:
         return None
     recorded = adapter_base_model(model_dir)
     if os.path.realpath(recorded) == os.path.realpath(base_model) or recorded == base_model:
         return None
     recorded_config, given_config = _local_config(recorded), _local_config(base_model)
-    if given_config is None or recorded_config is None:
+    if given_config is None:
         return None
-    differences = config_differences(recorded_config, given_config)
+    weights = weight_mismatches(adapter_weight_facts(model_dir), given_config)
+    differences = (config_differences(recorded_config, given_config) if recorded_config else []) or weights
     if differences:
         raise UsageError(f"--base_model {base_model} is not the model the adapter in {model_dir} was trained on "
                          f"({recorded}): {'; '.join(differences)}; pass that model (or one of the same architecture)")
+    if recorded_config is None:  # the recorded base is not here to compare with: the weights said all they can
+        return (f"--base_model {base_model} replaces the adapter's recorded base {recorded}, which is not here to "
+                "compare with; the adapter's weight shapes fit it")
     return (f"--base_model {base_model} replaces the adapter's recorded base {recorded} (same architecture: "
             f"{given_config.get('model_type')}, hidden_size {given_config.get('hidden_size')}, vocab_size "
             f"{given_config.get('vocab_size')})")
