@@ -124,6 +124,21 @@ def test_lone_surrogate_in_any_json_file_is_named_by_its_path(tmp_path):
         read_json_file(str(path))
 
 
+def test_other_json_files_read_by_the_scripts_are_bounded_too(tmp_path):
+    from review_lm.runs import checkpoints
+    from review_lm.training import sharding
+
+    bomb = tmp_path / "ds.json"
+    bomb.write_text(BOMB)
+    with pytest.raises(UsageError, match=r"^--deepspeed .*ds.json: not valid JSON \(nested too deeply"):
+        sharding.load_deepspeed_config(str(bomb))
+    assert rf.read_record(str(bomb)) is None  # lock holder, launch marker, fingerprint: unreadable, not a crash
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / rf.TRAINER_STATE).write_text(BOMB)
+    assert checkpoints.checkpoint_problem(str(checkpoint)) == f"{rf.TRAINER_STATE} is truncated or unreadable"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The scripts: one line, exit 2, nothing written
 # --------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def check_output_folder(out_dir: str) -> None:
     sits in its path, or the folder where the results are staged (its parent) cannot be written."""
     check_output_path(out_dir, "output folder")
     if os.path.isdir(out_dir):  # staged beside it: the parent must take the temporary folder and the swap
-        check_output_path(os.path.dirname(os.path.abspath(out_dir)), "the output folder's parent")
+        check_output_path(os.path.dirname(os.path.realpath(out_dir)), "the output folder's parent")
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -77,7 +77,7 @@ def staged_results(out_dir: str) -> Iterator[str]:
 
     On any failure the staging folder is removed and ``out_dir`` is left as it was; an OSError (a full disk, a
     folder made read-only meanwhile) becomes a one-line UsageError saying so."""
-    out = os.path.abspath(out_dir)
+    out = os.path.realpath(out_dir)  # a link to the results folder: the folder is replaced, the link kept
     parent = os.path.dirname(out)
     made = []  # parent folders this call creates: removed again on failure
     probe = parent
