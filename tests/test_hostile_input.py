@@ -89,7 +89,11 @@ def test_depth_prescan_counts_brackets_outside_strings_only():
     assert nested_too_deeply(("[" + deep_ok + "]").encode())
     in_string = json.dumps({"text": "[" * 500 + "{" * 500, "q": 'a \\" [[[[ "'}).encode()
     assert not nested_too_deeply(in_string)
-    assert not nested_too_deeply(b"[" * 200)  # unbalanced: left to json.loads, which names the position
+    assert not nested_too_deeply(b'[{"a": [1, 2' * 10)  # unbalanced but shallow: json.loads names the position
+    assert nested_too_deeply(b"[" * 200)  # a truncated bomb is still a bomb
+    escaped = b'{"a": "x\\\\", "b": ' + b"[" * 70 + b"]" * 70 + b"}"  # a string ending in a backslash
+    assert nested_too_deeply(escaped)
+    assert not nested_too_deeply(b'{"a": "x\\\\\\" ' + b"[" * 70 + b'"}')  # \\ then \" : still in the string
     assert not nested_too_deeply(Path(EXAMPLE).read_bytes())
 
 

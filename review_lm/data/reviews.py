@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 REVIEW_TYPE = "movie_review"
@@ -135,7 +136,6 @@ _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _BRACKETS_KEPT = b'"[]{}'
 _DROP_BUT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS_KEPT)
-_CURLY_TO_SQUARE = bytes.maketrans(b"{}", b"[]")
 
 
 def nested_too_deeply(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
@@ -143,23 +143,23 @@ def nested_too_deeply(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
 
     Why a pre-scan rather than json.loads under a guarded recursion limit: the parser's recursion guard depends on
     the interpreter version (a C-stack limit since 3.12), a file that parses may still break the pure-Python
-    encoder when a record is written back, and the scan is a few C-speed passes over the bytes (no second load):
-    escaped backslashes and quotes are dropped, then everything but quotes and brackets, then the parts inside
-    strings; each pass of ``replace(b"[]", b"")`` then removes one level of innermost pairs, so a pair still
-    removed after ``limit`` passes nests deeper than ``limit``. Unbalanced brackets are left to json.loads.
+    encoder when a record is written back, and the scan costs a tenth of the parse (no second load): escaped
+    quotes are dropped, then every byte but quotes and brackets (C-speed bytes operations); what is left is
+    small, and numpy finds the brackets outside strings and their deepest running count. Unbalanced brackets
+    are left to json.loads, which names the position.
     """
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if len(raw) < 1 << 16 and raw.count(b"[") + raw.count(b"{") <= limit:  # a small record: nothing to scan
         return False
-    if b"\\" in raw:
-        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    kept = raw.translate(None, _DROP_BUT_BRACKETS)
-    brackets = b"".join(kept.split(b'"')[::2]).translate(_CURLY_TO_SQUARE)
-    for _ in range(limit):
-        shorter = brackets.replace(b"[]", b"")
-        if len(shorter) == len(brackets):
-            return False
-        brackets = shorter
-    return b"[]" in brackets
+    if b'\\"' in raw:  # an escaped quote (or a backslash that ends a string): drop escapes so quotes pair up
+        if b'\\\\"' in raw:  # ...\\" : the quote may or may not be escaped, so drop escaped backslashes first
+            raw = raw.replace(b"\\\\", b"")
+        raw = raw.replace(b'\\"', b"")
+    kept = np.frombuffer(raw.translate(None, _DROP_BUT_BRACKETS), dtype=np.uint8)
+    quotes = kept == ord('"')
+    outside = (np.cumsum(quotes, dtype=np.int64) & 1) == 0  # an even number of quotes so far: not in a string
+    brackets = kept[outside & ~quotes]
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
 
 
 def lone_surrogate(text: str) -> str | None:
