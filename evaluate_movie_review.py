@@ -54,6 +54,7 @@ from review_lm.evaluation.metrics import (
     references_digest,
     sample_rouge,
 )
+from review_lm.evaluation.output import check_output_folder, staged_results
 from review_lm.evaluation.predictions import read_predictions
 from review_lm.evaluation.style_report import COLUMNS as STYLE_COLUMNS
 from review_lm.evaluation.style_report import TABLE_LEGEND, load_style_pool, style_metrics
@@ -66,6 +67,7 @@ from review_lm.inference.generation import (
     check_decoding,
 )
 from review_lm.runs import run_folder
+from review_lm.runs.lock import check_not_in_training
 from review_lm.runs.run_folder import (
     EVAL_DIR,
     METRICS_FILE,
@@ -78,6 +80,7 @@ from review_lm.runs.test_set import SampleSet, load_test_samples
 from review_lm.utils import (
     ArgumentParser,
     UsageError,
+    check_output_path,
     check_range,
     library_versions,
     write_json_atomic,
@@ -144,8 +147,21 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str]:
     return args.test_file, out_dir
 
 
+def check_before_work(args: argparse.Namespace, out_dir: str) -> None:
+    """What must hold before anything slow: the output folder can be written, the run is not being trained
+    right now, and a LoRA run's --base_model is the model its adapter was trained on (a note when it only moved)."""
+    check_output_folder(out_dir)
+    if args.model_dir:
+        check_not_in_training(args.model_dir)
+    if args.model_dir and args.predictions is None and not args.baselines_only:
+        note = model_loading.check_base_model(args.model_dir, args.base_model)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     test_file, out_dir = resolve_inputs(args)
+    check_before_work(args, out_dir)
     test = load_test_samples(test_file)
     if args.baselines_only and not test.has_history:
         raise UsageError(f"{test_file}: samples have no earlier reviews (no 'earlier_reviews' and no "
@@ -256,22 +272,17 @@ def evaluate(args: argparse.Namespace) -> int:
         "runtime_s": round(time.time() - started, 2),
     }
 
-    os.makedirs(out_dir, exist_ok=True)
-    # metrics.json marks a finished evaluation: drop the old one first, so that a crash between the writes
-    # leaves new predictions without metrics (re-runnable) rather than new predictions beside old metrics.
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     rows = prediction_rows(test, generated, given, baselines)
-    write_text_atomic(os.path.join(out_dir, PREDICTIONS_FILE),
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    # Written beside the old results and swapped in only when complete: a failure leaves them byte-identical.
+    with staged_results(out_dir) as stage:
+        write_text_atomic(os.path.join(stage, PREDICTIONS_FILE),
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        styled.write_figure(os.path.join(stage, STYLE_FIGURE))
+        if system_stats is not None:  # without it, an earlier evaluation's statistics are removed by the swap
+            sample_stats.save_sample_scores(os.path.join(stage, run_folder.SAMPLE_SCORES_FILE), system_stats,
+                                            user_codes, metrics["references_sha256"])
+        write_json_atomic(os.path.join(stage, METRICS_FILE), metrics)
     figure = os.path.join(out_dir, STYLE_FIGURE)
-    styled.write_figure(figure)
-    scores_file = os.path.join(out_dir, run_folder.SAMPLE_SCORES_FILE)
-    if system_stats is not None:
-        sample_stats.save_sample_scores(scores_file, system_stats, user_codes, metrics["references_sha256"])
-    elif os.path.exists(scores_file):  # an earlier evaluation's: --compare must not pair these outputs with it
-        os.remove(scores_file)
-    write_json_atomic(metrics_path, metrics)
     resumable.remove_partials(out_dir)  # predictions.jsonl holds them all now
 
     print(f"{len(test.samples)} test samples from {test_file}" + (f", predictions from {args.predictions}"
@@ -361,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.compare is not None:
+            check_output_path(args.compare_out, "--compare_out", kind="file")
             return compare(args.compare, args.compare_out)
         return evaluate(args)
     except UsageError as err:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import data_loader_movie_review as dl
+from review_lm.data.reviews import lone_surrogate
 from review_lm.inference import model_loading
 from review_lm.inference.generation import (
     GenerationSettings,
@@ -138,6 +139,8 @@ def clean_movie_name(raw: str) -> str:
         raise UsageError(f"--movie {raw!r}: empty movie name")
     if any(ch in name for ch in "\r\n"):
         raise UsageError(f"--movie {raw!r}: a movie name must be one line")
+    if lone_surrogate(name) is not None:  # bytes that are not UTF-8 in the argument or the typed line
+        raise UsageError(f"--movie {raw!r}: not valid text (bytes that are not UTF-8)")
     return name
 
 
@@ -266,6 +269,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt within the run's "
                          f"--max_length {settings.max_length}")
     model_loading.check_model_dir(args.model_dir)
+    if note := model_loading.check_base_model(args.model_dir, args.base_model):  # before the slow load
+        print(f"note: {note}", file=sys.stderr)
 
     loaded = model_loading.load_model_and_tokenizer(args.model_dir, args.device, args.dtype,
                                                     args.trust_remote_code, args.base_model)

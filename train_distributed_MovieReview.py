@@ -53,7 +53,7 @@ from review_lm.training.plan import (
     validate_arguments,
 )
 from review_lm.training.precision import PRECISIONS
-from review_lm.utils import ArgumentParser, UsageError, write_text_atomic
+from review_lm.utils import ArgumentParser, UsageError, check_output_path, write_text_atomic
 
 if TYPE_CHECKING:  # the datasets need the tokenizer: loaded only once the data has been validated
     from review_lm.data import datasets as rd
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace, rank: int) -> int:
     validate_arguments(args)  # every flag check that needs neither data nor hardware
+    check_output_path(args.output_dir, "--output_dir")  # a file in the way, read-only, full: before the lock
     # One run per output folder, for the run's whole life: taken before anything slow, released on any exit.
     with run_lock.RunLock(args.output_dir, launch.launch_id(), log=logger.warning) as lock:
         start = restart.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
@@ -310,9 +311,10 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
                       prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
     out = args.output_dir
+    digest = fingerprint.fingerprint_digest(start.fingerprint)  # both files name the run: a mix-up is caught
     test_set.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
-                                  prepared.datasets["test"].prompt_records())
-    test_set.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"])
+                                  prepared.datasets["test"].prompt_records(), digest)
+    test_set.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"], digest)
 
 
 # --------------------------------------------------------------------------------------------------------------

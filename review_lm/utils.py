@@ -63,6 +63,69 @@ def check_range(name: str, value: float | int | None, minimum: float, inclusive:
         raise UsageError(f"--{name} must be {bound}, got {value:g}")
 
 
+# Output paths, checked before anything slow
+MIN_FREE_BYTES = 1 << 20  # below this a folder counts as full: not even a record or a metrics.json would fit
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` itself when it exists (or is a dangling link), else its nearest existing ancestor."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _write_problem(folder: str) -> str | None:
+    """Why nothing can be written in the existing folder ``folder`` (None when a probe file can be).
+
+    Decided by trying - create, write and remove a probe file - not by os.access or the mode bits: root ignores
+    the bits, and a read-only mount, a full disk or an ACL are only seen by writing."""
+    probe = os.path.join(folder, f".write-probe-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as err:
+        return err.strerror or str(err)
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    free = stats.f_bavail * stats.f_frsize
+    return None if free >= MIN_FREE_BYTES else f"no space left on the device ({free} bytes free)"
+
+
+def check_output_path(path: str, what: str, kind: str = "folder") -> None:
+    """Can ``path`` (a folder, or a file with ``kind="file"``) be created or written? One-line UsageError if not.
+
+    Meant for every output path of a script, before anything slow (and before the train script's run lock):
+    a path that exists as the wrong kind, a regular file in the middle of it, a folder (or the nearest existing
+    ancestor of a folder still to be made) that cannot be written - read-only, permission denied, no space.
+    ``what`` names the path in the message (``--output_dir``). Creates nothing (the probe file is removed)."""
+    if kind not in ("folder", "file"):
+        raise ValueError(f"kind must be 'folder' or 'file', not {kind!r}")
+    name = f"{what} {path}" if what else path
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{name}: exists and is not a folder")
+    if kind == "file" and os.path.isdir(path):
+        raise UsageError(f"{name}: is a folder, not a file")
+    folder = path if kind == "folder" else os.path.dirname(os.path.abspath(path))
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{name}: cannot be created: {existing} is a file, not a folder" if os.path.isfile(existing)
+                         else f"{name}: cannot be created: {existing} is not a folder")
+    problem = _write_problem(existing)
+    if problem is not None:
+        inside = "" if os.path.abspath(existing) == os.path.abspath(folder) else f" (in {existing})"
+        raise UsageError(f"{name}: cannot write there{inside}: {problem}")
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it onto ``path``:
     a crash leaves either the old file or the new one, never half of one."""

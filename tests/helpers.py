@@ -150,6 +150,14 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+def tree_hash(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) -> sha256 of its bytes: "byte-identical" in one comparison."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 def run_plan(runtime, quantization=None):
     """A RunPlan around a RuntimePlan (``plan.plan_runtime``), for tests of what the model is loaded with."""
     from review_lm.training import plan, sharding

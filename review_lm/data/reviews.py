@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 REVIEW_TYPE = "movie_review"
@@ -125,8 +126,77 @@ def movie_name(prefix: str) -> str:
     return _PREFIX_SUFFIX_RE.sub("", prefix)
 
 
-def read_json_file(path: str) -> Any:
-    """Parse a UTF-8 JSON file; any problem is a one-line :class:`ReviewDataError`."""
+# Deepest nesting of [ and { a file may have. The deepest valid layout (a review file: users list > user > task >
+# collections list > collection > data list > record > context list > a context item) needs under 10 levels;
+# anything past this is hostile or broken, and left to json.loads it costs a RecursionError deep in the parser,
+# or a second one later when a record is re-written with json.dumps(indent=...) (pure-Python recursion).
+MAX_JSON_DEPTH = 64
+# A lone surrogate can only enter through a JSON escape (UTF-8 bytes cannot encode one): \ud800..\udfff.
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_BRACKETS_KEPT = b'"[]{}'
+_DROP_BUT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS_KEPT)
+
+
+def nested_too_deeply(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Does the JSON text ``raw`` nest [ and { deeper than ``limit``? Checked on the bytes before parsing.
+
+    Why a pre-scan rather than json.loads under a guarded recursion limit: the parser's recursion guard depends on
+    the interpreter version (a C-stack limit since 3.12), a file that parses may still break the pure-Python
+    encoder when a record is written back, and the scan costs a tenth of the parse (no second load): escaped
+    quotes are dropped, then every byte but quotes and brackets (C-speed bytes operations); what is left is
+    small, and numpy finds the brackets outside strings and their deepest running count. Unbalanced brackets
+    are left to json.loads, which names the position.
+    """
+    if len(raw) < 1 << 16 and raw.count(b"[") + raw.count(b"{") <= limit:  # a small record: nothing to scan
+        return False
+    if b'\\"' in raw:  # an escaped quote (or a backslash that ends a string): drop escapes so quotes pair up
+        if b'\\\\"' in raw:  # ...\\" : the quote may or may not be escaped, so drop escaped backslashes first
+            raw = raw.replace(b"\\\\", b"")
+        raw = raw.replace(b'\\"', b"")
+    kept = np.frombuffer(raw.translate(None, _DROP_BUT_BRACKETS), dtype=np.uint8)
+    quotes = kept == ord('"')
+    outside = (np.cumsum(quotes, dtype=np.int64) & 1) == 0  # an even number of quotes so far: not in a string
+    brackets = kept[outside & ~quotes]
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return bool(steps.size) and int(np.cumsum(steps).max()) > limit
+
+
+def lone_surrogate(text: str) -> str | None:
+    """A problem phrase when ``text`` holds a lone surrogate (valid JSON, invalid Unicode), else None."""
+    match = _SURROGATE_RE.search(text)
+    if match is None:
+        return None
+    return (f"not valid Unicode: a lone surrogate \\u{ord(match.group()):04x} at character {match.start()} "
+            "(an unpaired \\ud800-\\udfff escape); fix or remove it")
+
+
+def find_lone_surrogate(obj: Any) -> tuple[list[str | int], str] | None:
+    """The JSON path (keys and indices) of the first string or key holding a lone surrogate, with the problem."""
+    stack: list[tuple[list[str | int], Any]] = [([], obj)]  # iterative: the depth is bounded, the width is not
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if (problem := lone_surrogate(value)) is not None:
+                return where, problem
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                if (problem := lone_surrogate(key)) is not None:
+                    return [*where, key], "a key is " + problem
+                stack.append(([*where, key], item))
+        elif isinstance(value, list):
+            stack.extend(([*where, i], item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def json_path(where: list[str | int]) -> str:
+    """``[3].reference``, ``arguments.model_path``: where a value sits in a JSON document."""
+    text = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where)
+    return text.lstrip(".") or "the top level"
+
+
+def _read_json(path: str) -> tuple[Any, bool]:
+    """The parsed file, and whether its bytes hold a surrogate escape (only then can a string be invalid)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -136,15 +206,34 @@ def read_json_file(path: str) -> Any:
         raise ReviewDataError(path, "is a directory, not a JSON file") from None
     except OSError as err:
         raise ReviewDataError(path, f"cannot read file: {err.strerror or err}") from None
+    if nested_too_deeply(raw):
+        raise ReviewDataError(path, f"nested too deeply (more than {MAX_JSON_DEPTH} levels of [ and {{); "
+                                    "no valid file nests that deep")
+    surrogates = _SURROGATE_ESCAPE_RE.search(raw) is not None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ReviewDataError(path, f"not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
     del raw  # a big file's bytes need not stay alive while its JSON tree is built
     try:
-        return json.loads(text)
+        return json.loads(text), surrogates
     except json.JSONDecodeError as err:
         raise ReviewDataError(path, f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:  # unreachable after the pre-scan; kept so that no path ends in a traceback
+        raise ReviewDataError(path, "nested too deeply") from None
+
+
+def read_json_file(path: str, where: Callable[[Any, list[str | int]], str] | None = None) -> Any:
+    """Parse a UTF-8 JSON file a user gave; any problem is a one-line :class:`ReviewDataError`.
+
+    The one reader of users' JSON files: nesting deeper than :data:`MAX_JSON_DEPTH` is refused before parsing,
+    and every string (and key) must be valid Unicode - a lone surrogate is named by ``where(document, path)``
+    (default: the JSON path, e.g. ``[3].reference``)."""
+    obj, surrogates = _read_json(path)
+    if surrogates and (found := find_lone_surrogate(obj)) is not None:
+        at, problem = found
+        raise ReviewDataError(path, f"{(where or (lambda _obj, p: json_path(p)))(obj, at)}: {problem}")
+    return obj
 
 
 def _expect(value: Any, kind: type, what: str, err: Callable[[str], ReviewDataError]) -> Any:
@@ -164,23 +253,31 @@ def _json_type(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None) -> UserHistory:
+def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None,
+                check_text: bool = True) -> UserHistory:
     """Validate one user entry. ``index`` is its position in ``path`` (what errors name); ``global_index`` its
-    number across all input files (defaults to ``index``)."""
+    number across all input files (defaults to ``index``). ``check_text``: check that every string used is valid
+    Unicode (skipped when the file's bytes hold no surrogate escape, the only way an invalid one can enter)."""
     def fail(problem: str, name: str | None = None, record: int | None = None):
         return ReviewDataError(path, problem, index, name, record)
+
+    def text_ok(value: str, what: str, err: Callable[[str], ReviewDataError]) -> str:
+        if check_text and (problem := lone_surrogate(value)) is not None:
+            raise err(f"{what} is {problem}")
+        return value
 
     uid = index if global_index is None else global_index
     _expect(obj, dict, "a user entry", fail)
     user = _expect(obj.get("user"), dict, "'user'", fail)
     profile = _expect(user.get("profile"), dict, "'user.profile'", fail)
-    name = _expect(profile.get("name"), str, "'user.profile.name'", fail)
+    name = text_ok(_expect(profile.get("name"), str, "'user.profile.name'", fail), "'user.profile.name'", fail)
 
     def fail_named(problem: str, record: int | None = None):
         return fail(problem, name, record)
 
     task = _expect(obj.get("task"), dict, "'task'", fail_named)
-    description = _expect(task.get("description"), str, "'task.description'", fail_named)
+    description = text_ok(_expect(task.get("description"), str, "'task.description'", fail_named),
+                          "'task.description'", fail_named)
     collections = _expect(task.get("task_behavior_collections"), list, "'task.task_behavior_collections'",
                           fail_named)
     reviews: list[Review] = []
@@ -201,6 +298,8 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
             text = _expect(record.get("continuation"), str, "'continuation'", fail_record)
             prefix = _expect(record.get("continuation_prefix"), str, "'continuation_prefix'", fail_record)
             stamp = _expect(record.get("timestamp"), str, "'timestamp'", fail_record)
+            for key, value in (("continuation", text), ("continuation_prefix", prefix)):
+                text_ok(value, f"'{key}'", fail_record)
             if "context" in record:
                 _expect(record["context"], list, "'context'", fail_record)
             try:
@@ -220,7 +319,7 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
 
 def _parse_users(path: str, first_index: int = 0) -> list[UserHistory]:
     """The validated users of one file, numbered from ``first_index``."""
-    obj = read_json_file(path)
+    obj, check_text = _read_json(path)
     if isinstance(obj, dict):
         obj = [obj]
     if not isinstance(obj, list):
@@ -229,7 +328,7 @@ def _parse_users(path: str, first_index: int = 0) -> list[UserHistory]:
         raise ReviewDataError(path, "the file holds no users")
     users = []
     for i in range(len(obj)):
-        users.append(_parse_user(path, i, obj[i], first_index + i))
+        users.append(_parse_user(path, i, obj[i], first_index + i, check_text))
         obj[i] = None  # drop the parsed JSON as we go: the tree of a big file is the peak of the whole load
     return users
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from review_lm.data.reviews import MAX_JSON_DEPTH, lone_surrogate, nested_too_deeply
 from review_lm.utils import UsageError
 
 CHECKED_KEYS = ("user_index", "record_index")
@@ -41,6 +42,9 @@ def read_predictions(path: str, samples: Sequence[Mapping[str, Any]], field: str
         raise UsageError(f"{path}: is a directory, not a predictions file") from None
     except OSError as err:
         raise UsageError(f"{path}: cannot read file: {err.strerror or err}") from None
+    if nested_too_deeply(raw):  # checked once for the whole file: every line is a document of its own
+        raise UsageError(f"{path}: nested too deeply (more than {MAX_JSON_DEPTH} levels of [ and {{); no valid "
+                         "predictions file nests that deep")
     n = len(samples)
     found: list[str | None] = [None] * n
     seen_on: dict[int, int] = {}  # index -> line number
@@ -77,6 +81,9 @@ def read_predictions(path: str, samples: Sequence[Mapping[str, Any]], field: str
         value = obj[field]
         if not isinstance(value, str):
             raise fail(f"'{field}' must be a string, got {_json_type(value)}")
+        if (problem := lone_surrogate(value)) is not None:
+            user = samples[index].get("user", samples[index].get("user_index"))
+            raise fail(f"index {index} (user {user}): '{field}' is {problem}")
         for key in CHECKED_KEYS:
             if key in obj:
                 given, expected = obj[key], samples[index].get(key)

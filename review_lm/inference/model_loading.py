@@ -29,12 +29,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from review_lm.runs.run_folder import ADAPTER_CONFIG, KIND_ADAPTER, has_tokenizer_files, model_kind
+from review_lm.runs.run_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG,
+    KIND_ADAPTER,
+    has_tokenizer_files,
+    model_kind,
+    read_json,
+)
 from review_lm.utils import UsageError, torch_dtype_name
 
 logger = logging.getLogger("movie_review")
@@ -148,14 +157,110 @@ def adapter_base_model(model_dir: str) -> str:
     """``base_model_name_or_path`` from the adapter's config (one-line error when it is unreadable or absent)."""
     path = os.path.join(model_dir, ADAPTER_CONFIG)
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{path}: cannot read the adapter config: {' '.join(str(err).split())}") from None
+        config = read_json(path)  # the shared reader: no traceback for a hand-edited, hostile file
+    except UsageError as err:
+        raise UsageError(f"cannot read the adapter config: {err}") from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not isinstance(base, str) or not base.strip():
         raise UsageError(f"{path}: no base_model_name_or_path, so the base model is unknown; pass --base_model PATH")
     return base
+
+
+# What makes two models the same architecture, read from config.json without loading weights. An adapter applied
+# to a base that differs in any of these fails with shape errors, or worse, loads and writes nonsense.
+ARCHITECTURE_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def config_differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """``hidden_size 64 -> 128``, one phrase per architecture fact that differs between two config.json. Pure."""
+    return [f"{key} {recorded.get(key)!r} -> {given.get(key)!r}" for key in ARCHITECTURE_KEYS
+            if recorded.get(key) != given.get(key)]
+
+
+def _local_config(model: str) -> dict[str, Any] | None:
+    """A model's config.json, read without loading anything: from its folder, or for a hub id from the local
+    Hugging Face cache (never the network). None when there is no readable one here."""
+    path = os.path.join(os.path.expanduser(model), CONFIG)
+    if not os.path.isfile(path) and not looks_like_path(model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, CONFIG)
+        except Exception:  # noqa: BLE001 - a malformed id or an unreadable cache: nothing to compare against
+            cached = None
+        path = cached if isinstance(cached, str) else path
+    if not os.path.isfile(path):
+        return None
+    try:
+        config = read_json(path)
+    except UsageError:
+        return None
+    return config if isinstance(config, dict) else None
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+_HIDDEN_INPUT_RE = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.lora_A(\.default)?\.weight$")
+_MAX_HEADER = 100 << 20  # a safetensors header is a few KB per tensor; more is not a header
+
+
+def adapter_weight_facts(model_dir: str) -> dict[str, int]:
+    """What the adapter's own weights say about its base, from the safetensors header only (no tensor read):
+    ``hidden_size`` (the input width of a q/k/v/gate/up projection's lora_A) and ``layers`` (highest layer + 1)."""
+    path = os.path.join(model_dir, ADAPTER_WEIGHTS)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= _MAX_HEADER else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    facts: dict[str, int] = {}
+    for name, info in (header.items() if isinstance(header, dict) else ()):
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (layer := _LAYER_RE.search(name)) is not None:
+            facts["layers"] = max(facts.get("layers", 0), int(layer.group(1)) + 1)
+        if _HIDDEN_INPUT_RE.search(name) and isinstance(shape, list) and len(shape) == 2:
+            facts["hidden_size"] = shape[1]
+    return facts
+
+
+def weight_mismatches(facts: Mapping[str, int], config: Mapping[str, Any]) -> list[str]:
+    """Where the adapter's weights cannot fit a base of ``config``, one phrase each. Pure."""
+    out = []
+    if "hidden_size" in facts and config.get("hidden_size") not in (None, facts["hidden_size"]):
+        out.append(f"its LoRA weights take hidden_size {facts['hidden_size']}, the model has "
+                   f"{config.get('hidden_size')}")
+    layers = config.get("num_hidden_layers")
+    if "layers" in facts and isinstance(layers, int) and facts["layers"] > layers:
+        out.append(f"its LoRA weights reach layer {facts['layers'] - 1}, the model has {layers} layers")
+    return out
+
+
+def check_base_model(model_dir: str, base_model: str | None) -> str | None:
+    """``--base_model`` for a LoRA run, checked before anything loads: refused (one line) when its config.json
+    differs in architecture from the recorded base's (a folder, or a hub id in the local cache) or, when the
+    recorded base is not here, from what the adapter's weight shapes need; a note (returned) when it is the same
+    architecture at another path. None when there is nothing to say: a full model, no --base_model, the recorded
+    base itself, or a --base_model whose config cannot be read here (the loader speaks for it then)."""
+    if not base_model or model_kind(model_dir) != KIND_ADAPTER:
+        return None
+    recorded = adapter_base_model(model_dir)
+    if os.path.realpath(recorded) == os.path.realpath(base_model) or recorded == base_model:
+        return None
+    recorded_config, given_config = _local_config(recorded), _local_config(base_model)
+    if given_config is None:
+        return None
+    weights = weight_mismatches(adapter_weight_facts(model_dir), given_config)
+    differences = (config_differences(recorded_config, given_config) if recorded_config else []) or weights
+    if differences:
+        raise UsageError(f"--base_model {base_model} is not the model the adapter in {model_dir} was trained on "
+                         f"({recorded}): {'; '.join(differences)}; pass that model (or one of the same architecture)")
+    if recorded_config is None:  # the recorded base is not here to compare with: the weights said all they can
+        return (f"--base_model {base_model} replaces the adapter's recorded base {recorded}, which is not here to "
+                "compare with; the adapter's weight shapes fit it")
+    return (f"--base_model {base_model} replaces the adapter's recorded base {recorded} (same architecture: "
+            f"{given_config.get('model_type')}, hidden_size {given_config.get('hidden_size')}, vocab_size "
+            f"{given_config.get('vocab_size')})")
 
 
 def base_model_source(base: str, environ: Mapping[str, str]) -> tuple[str, bool]:

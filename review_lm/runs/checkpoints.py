@@ -70,7 +70,7 @@ def _safetensors_problem(path: str) -> str | None:
             if header_len > size - 8:
                 return f"{name} is truncated"
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError, RecursionError):  # RecursionError: a hostile header
         return f"{name} is truncated or unreadable"
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     return None if size == 8 + header_len + end else f"{name} is truncated"
@@ -90,7 +90,7 @@ def _weights_problem(folder: str, names: set[str]) -> str | None:
             try:
                 with open(os.path.join(folder, index), encoding="utf-8") as f:
                     shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, RecursionError):
                 return f"{index} is unreadable"
             for shard in shards:
                 if shard not in names:
@@ -120,7 +120,7 @@ def checkpoint_problem(folder: str) -> str | None:
     try:
         with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as f:
             step = json.load(f)["global_step"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, RecursionError):
         return f"{TRAINER_STATE} is truncated or unreadable"
     match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(folder)))
     if match and int(match.group(1)) != step:

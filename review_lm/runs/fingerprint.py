@@ -177,6 +177,25 @@ def resume_decision(recorded_fp: Mapping[str, Any] | None, current_fp: Mapping[s
     return ResumeDecision("resume", None)
 
 
+def foreign_checkpoint_decision(checkpoint: str, checkpoint_run: str, recorded_fp: Mapping[str, Any] | None,
+                                current_fp: Mapping[str, Any]) -> ResumeDecision:
+    """May a run resume from ``checkpoint``, a checkpoint outside its own ``--output_dir``? Pure.
+
+    Only when it is the same run: the fingerprint recorded in the checkpoint's run folder (``checkpoint_run``)
+    must equal this run's, as for a resume inside the folder. Without a recorded fingerprint nothing says which
+    run the checkpoint belongs to, so it is refused (a resume inside an older run's own folder is not)."""
+    if recorded_fp is None:
+        return ResumeDecision("refuse", f"--resume_from_checkpoint {checkpoint}: it is outside --output_dir and "
+                                        f"{checkpoint_run} has no {FINGERPRINT_FILE}, so nothing shows it is this "
+                                        "run's checkpoint; resume it in its own run folder, or start a new run")
+    differences = fingerprint_differences(recorded_fp, current_fp)
+    if differences:
+        return ResumeDecision("refuse", f"--resume_from_checkpoint {checkpoint}: it belongs to another run "
+                                        f"({checkpoint_run} was trained with other settings: {'; '.join(differences)}"
+                                        "); resume with that run's arguments and data, or start a new run")
+    return ResumeDecision("resume", None)
+
+
 def read_fingerprint(output_dir: str) -> dict[str, Any] | None:
     """The fingerprint record of the run in ``output_dir`` (``{"fingerprint": ..., "max_epochs": N}``), if any."""
     return run_folder.read_record(os.path.join(output_dir, FINGERPRINT_FILE))

@@ -194,6 +194,70 @@ class RunLock:
 
 
 # ==============================================================================================================
+# Is a run folder being trained right now? Read without taking the lock
+# ==============================================================================================================
+def _flocked_inodes(proc_locks: str) -> set[tuple[str, int]] | None:
+    """``(maj:min, inode)`` of every flock in /proc/locks' text (devices in hex, as the kernel prints them)."""
+    found = set()
+    for line in proc_locks.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].count(":") == 2:
+            device, _, inode = fields[5].rpartition(":")
+            if inode.isdigit():
+                found.add((device, int(inode)))
+    return found
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def training_holder(output_dir: str) -> dict[str, Any] | None:
+    """The holder record of the training run that holds ``output_dir``'s run lock now, or None when none does.
+
+    Read without taking the lock (a probe flock, even a shared one released at once, could make a training
+    start that races it fail its exclusive one): the kernel's list of flocks in /proc/locks says whether the lock
+    file is locked; where that list cannot be read, a holder record whose pid is alive on this host counts."""
+    lock_path = os.path.join(output_dir, LOCK_FILE)
+    try:
+        st = os.stat(lock_path)
+    except OSError:
+        return None
+    holder = run_folder.read_record(lock_path)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            locked = _flocked_inodes(f.read())
+    except OSError:
+        locked = None
+    if locked is not None:
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        # Some file systems (overlay) list another device number than stat reports: the inode and a holder
+        # record (emptied on every clean release) decide then.
+        held = (device, st.st_ino) in locked or (bool(holder) and any(i == st.st_ino for _, i in locked))
+    else:
+        held = bool(holder) and holder.get("host") == socket.gethostname() and _pid_alive(holder.get("pid"))
+    return (holder or {}) if held else None
+
+
+def check_not_in_training(model_dir: str) -> None:
+    """Refuse (one line) to evaluate a run folder that a live training run holds: what is on disk may change
+    under the evaluation. A finished checkpoint folder (``RUN/checkpoint-N``) holds no lock and passes."""
+    holder = training_holder(model_dir)
+    if holder is not None:
+        raise UsageError(f"--model_dir {model_dir} is being trained right now ({describe_holder(holder)}): its files "
+                         "may change while they are read; wait for the run to finish, or evaluate one of its "
+                         "finished checkpoints with --model_dir " + os.path.join(model_dir, "checkpoint-N"))
+
+
+# ==============================================================================================================
 # Launch marker
 # ==============================================================================================================
 def write_launch_marker(output_dir: str, run_id: str | None, phase: str = "started") -> None:

@@ -19,7 +19,13 @@ from typing import Any
 
 from review_lm.runs import run_folder
 from review_lm.runs.checkpoints import check_resume, resolve_resume
-from review_lm.runs.fingerprint import current_fingerprint, read_fingerprint, resume_decision, write_fingerprint
+from review_lm.runs.fingerprint import (
+    current_fingerprint,
+    foreign_checkpoint_decision,
+    read_fingerprint,
+    resume_decision,
+    write_fingerprint,
+)
 from review_lm.runs.launch import restart_count
 from review_lm.runs.lock import RunLock, write_launch_marker
 from review_lm.runs.run_folder import FINGERPRINT_FILE, LAUNCH_MARKER
@@ -113,6 +119,7 @@ def decide_start(args, lock: RunLock, world_size: int, environ: Mapping[str, str
     fingerprint = current_fingerprint(args, world_size)
     resume = resolve_resume(plan.resume, out, restarts, log=skipped or (lambda message: None))
     check_resume(resume, args.finetuning_type)  # the clearer line for a LoRA/full mix-up
+    check_foreign_checkpoint(plan.resume, out, fingerprint)
     if plan.resume is not None:  # continuing a run: it must be the same run
         recorded = read_fingerprint(out) or {}
         decision = resume_decision(recorded.get("fingerprint"), fingerprint, state == "finished",
@@ -125,6 +132,20 @@ def decide_start(args, lock: RunLock, world_size: int, environ: Mapping[str, str
             messages.append(f"{os.path.join(out, run_folder.EVAL_DIR)} describes the run before this resume: "
                             "evaluate again (evaluate_movie_review.py --overwrite) when training ends")
     return RunStart(plan, resume, fingerprint, tuple(messages))
+
+
+def check_foreign_checkpoint(resume: str | None, output_dir: str, fingerprint: Mapping[str, Any]) -> None:
+    """A checkpoint PATH outside ``output_dir`` is another folder's: resume it only if that folder's run is this
+    run (its recorded fingerprint equals this one), checked like a resume inside the folder. One-line refusal."""
+    if resume in (None, "latest"):
+        return
+    checkpoint_run = os.path.dirname(os.path.abspath(resume.rstrip(os.sep) or resume))
+    if os.path.realpath(checkpoint_run) == os.path.realpath(output_dir):
+        return
+    recorded = (read_fingerprint(checkpoint_run) or {}).get("fingerprint")
+    decision = foreign_checkpoint_decision(resume, checkpoint_run, recorded, fingerprint)
+    if decision.action == "refuse":
+        raise UsageError(decision.message)
 
 
 def record_start(output_dir: str, start: RunStart, run_id: str | None, max_epochs: int) -> None:

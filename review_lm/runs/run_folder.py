@@ -16,13 +16,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from review_lm.data import prompts
 from review_lm.data.chat_layout import RECORDED_TEMPLATES
 from review_lm.data.prompts import PROMPT_FORMATS
-from review_lm.data.reviews import ReviewData, ReviewDataError, Sample, read_json_file
+from review_lm.data.reviews import ReviewData, ReviewDataError, Sample, nested_too_deeply, read_json_file
 from review_lm.utils import UsageError, library_versions, write_json_atomic
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,17 +313,19 @@ def read_record(path: str) -> dict[str, Any] | None:
     """A small JSON record the run writes for itself (lock holder, launch marker, fingerprint): the object, or None
     when the file is absent, empty, unreadable or not an object (a torn write counts as absent)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        value = json.loads(text) if text.strip() else None
+        with open(path, "rb") as f:
+            raw = f.read()
+        # A hand-made record nested past any real one counts as unreadable (no RecursionError from json.loads).
+        value = json.loads(raw.decode("utf-8")) if raw.strip() and not nested_too_deeply(raw) else None
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def read_json(file: str) -> Any:
-    """The data loader's JSON reading, with its one-line errors (missing, not UTF-8, bad JSON with position)."""
+def read_json(file: str, where: Callable[[Any, list[str | int]], str] | None = None) -> Any:
+    """The data loader's JSON reading, with its one-line errors (missing, not UTF-8, bad JSON with position, nested
+    too deeply, a lone surrogate named by ``where``: see ``read_json_file``)."""
     try:
-        return read_json_file(file)
+        return read_json_file(file, where)
     except ReviewDataError as err:
         raise UsageError(str(err)) from None

@@ -12,28 +12,54 @@ from dataclasses import dataclass
 from typing import Any
 
 from review_lm.data import prompts
-from review_lm.data.reviews import Sample
+from review_lm.data.reviews import Sample, json_path
 from review_lm.runs.run_folder import TEST_HISTORIES, TEST_SAMPLES, path, read_json
 from review_lm.utils import UsageError, write_atomic, write_json_atomic
 
+RUN_DIGEST_KEY = "run_digest"  # in every test sample and in test_histories.json: the two files are one run's
 
-def write_test_samples(file: str, records: Iterable) -> None:
+
+def write_test_samples(file: str, records: Iterable, run_digest: str | None = None) -> None:
     """test_samples.json: a JSON list of ``prompts.sample_record`` objects (what the spec's Q2 loads), one sample per
     line, written record by record without holding every test prompt in memory at once. One line per sample
-    rather than an indented tree: json's C encoder writes it (``indent`` switches to the pure-Python one)."""
+    rather than an indented tree: json's C encoder writes it (``indent`` switches to the pure-Python one).
+    ``run_digest`` (the run fingerprint's digest) goes into every sample, and into test_histories.json."""
+    extra = {RUN_DIGEST_KEY: run_digest} if run_digest else {}
+
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             first = True
             for record in records:
-                f.write(("[\n" if first else ",\n") + json.dumps(prompts.sample_record(record), ensure_ascii=False))
+                f.write(("[\n" if first else ",\n")
+                        + json.dumps({**prompts.sample_record(record), **extra}, ensure_ascii=False))
                 first = False
             f.write("[]\n" if first else "\n]\n")
 
     write_atomic(file, write)
 
 
-def write_test_histories(file: str, test_samples: list[Sample]) -> None:
-    write_json_atomic(file, prompts.test_histories(test_samples))
+def write_test_histories(file: str, test_samples: list[Sample], run_digest: str | None = None) -> None:
+    histories = prompts.test_histories(test_samples)
+    write_json_atomic(file, {**histories, RUN_DIGEST_KEY: run_digest} if run_digest else histories)
+
+
+def _sample_location(samples: Any, where: list[str | int]) -> str:
+    """``sample #3 (user 0 Y), field 'reference'``: where a bad string sits in test_samples.json."""
+    if not (where and isinstance(where[0], int) and isinstance(samples, list) and isinstance(samples[where[0]], dict)):
+        return json_path(where)
+    sample = samples[where[0]]
+    user = " ".join(str(sample[k]) for k in ("user_index", "user") if isinstance(sample.get(k), (int, str)))
+    return f"sample #{where[0]}" + (f" (user {user})" if user else "") + f", field '{json_path(where[1:])}'"
+
+
+def _history_location(histories: Any, where: list[str | int]) -> str:
+    """``user entry #0 (user 0), reviews[5]``: where a bad string sits in test_histories.json."""
+    if len(where) > 2 and where[0] == "users" and isinstance(where[1], int):
+        entry = histories["users"][where[1]]
+        user = entry.get("user_index") if isinstance(entry, dict) else None
+        return f"user entry #{where[1]}" + (f" (user {user})" if user is not None else "") + \
+            f", field '{json_path(where[2:])}'"
+    return json_path(where)
 
 
 def histories_before_test(users: Sequence[Any], earlier_reviews: Sequence[Sequence[str]]) -> dict[Any, list[str]]:
@@ -95,7 +121,7 @@ class SampleSet:
 
 def load_test_samples(file: str) -> SampleSet:
     """Read and check ``test_samples.json``: a non-empty list of objects with string prompt and reference."""
-    data = read_json(file)
+    data = read_json(file, _sample_location)
     expected = f"expected {TEST_SAMPLES} as written by train_distributed_MovieReview.py"
     if not isinstance(data, list):
         raise UsageError(f"{file}: not a list of test samples ({expected})")
@@ -110,6 +136,10 @@ def load_test_samples(file: str) -> SampleSet:
         earlier = sample.get("earlier_reviews")
         if earlier is not None and not (isinstance(earlier, list) and all(isinstance(r, str) for r in earlier)):
             raise UsageError(f"{file}: sample #{i}: 'earlier_reviews' must be a list of strings")
+    digests = {s.get(RUN_DIGEST_KEY) for s in data} - {None}
+    if len(digests) > 1:
+        raise UsageError(f"{file}: its samples come from {len(digests)} different runs ({RUN_DIGEST_KEY} "
+                         f"{', '.join(sorted(map(str, digests)))}); use one run's {TEST_SAMPLES}")
     histories_file = path(os.path.dirname(os.path.abspath(file)), TEST_HISTORIES)
     if all("earlier_reviews" in s for s in data) or not os.path.isfile(histories_file):
         return SampleSet(file, data)
@@ -118,10 +148,14 @@ def load_test_samples(file: str) -> SampleSet:
 
 def load_test_histories(file: str, samples_file: str, samples: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """test_histories.json, checked against the samples it serves (one-line errors naming the file)."""
-    data = read_json(file)
+    data = read_json(file, _history_location)
     if not (isinstance(data, dict) and data.get("format") == prompts.TEST_HISTORIES_FORMAT
             and isinstance(data.get("users"), list)):
         raise UsageError(f"{file}: not a {TEST_HISTORIES} written by train_distributed_MovieReview.py")
+    ours, theirs = data.get(RUN_DIGEST_KEY), next((s.get(RUN_DIGEST_KEY) for s in samples), None)
+    if ours and theirs and ours != theirs:  # files written before the digest existed carry none: not compared
+        raise UsageError(f"{samples_file} and {file} come from different runs ({RUN_DIGEST_KEY} {theirs} vs "
+                         f"{ours}); keep each run's two files together")
     histories: dict[int, dict[str, Any]] = {}
     for k, entry in enumerate(data["users"]):
         reviews = entry.get("reviews") if isinstance(entry, dict) else None

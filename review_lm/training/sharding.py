@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from review_lm.data.reviews import ReviewDataError, read_json_file
 from review_lm.utils import UsageError, importable, write_atomic
 
 CONFIG_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "configs"))
@@ -62,10 +63,9 @@ def load_deepspeed_config(path: str) -> dict[str, Any]:
         raise UsageError(f"--deepspeed {path}: no such file (shipped: configs/deepspeed_zero2.json, "
                          "configs/deepspeed_zero3.json)")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"--deepspeed {path}: not valid JSON ({err})") from None
+        config = read_json_file(path)  # the shared reader: nesting bounded, strings valid Unicode
+    except ReviewDataError as err:
+        raise UsageError(f"--deepspeed {path}: not valid JSON ({err.problem})") from None
     if not isinstance(config, dict):
         raise UsageError(f"--deepspeed {path}: expected a JSON object, got {type(config).__name__}")
     return config
