@@ -164,3 +164,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def dmsc_file(tmp_path) -> Path:
+    """A DMSC.csv in the Douban layout with every kind of messy row (tests/douban_layouts.py)."""
+    from tests.douban_layouts import DMSC_HEADER, dmsc_rows, write_csv
+
+    path = write_csv(tmp_path / "DMSC.csv", DMSC_HEADER, dmsc_rows())
+    with open(path, "ab") as f:  # a broken row: three fields where the header has ten
+        f.write("99,Broken,坏行\r\n".encode())
+    return path

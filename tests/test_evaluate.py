@@ -1,5 +1,5 @@
-"""Tests for evaluate_movie_review.py: metrics by hand, baselines, generation with a tiny model, CLI errors,
-and --compare.
+"""Tests for evaluate_movie_review.py: baselines, generation with a tiny model, CLI errors, and the bootstrap
+intervals in metrics.json (metrics by hand: test_metrics.py; --compare: test_compare.py).
 
 The tiny model (random Qwen2 + byte-level BPE, from tools/make_tiny_model.py) and its test_samples.json (built
 with the real data loader from a small review file written here) are made once per module. Exit-code cases run
@@ -125,90 +125,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def evaluate_in_process(*args: str) -> int:
     return ev.main([*args, "--no_progress"])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metrics, checked by hand
-# --------------------------------------------------------------------------------------------------------------
-def test_identical_texts_score_perfect():
-    refs = ["看完出门转了一下钥匙扣，确认自己不在梦里。", "Nolan你赢了，陀螺到底倒没倒？"]
-    m = metrics.compute_metrics(refs, refs)
-    for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
-        assert m[key] == pytest.approx(100.0), key
-
-
-def test_disjoint_texts_score_zero():
-    m = metrics.compute_metrics(["我喜欢电影"], ["你讨厌音乐"])
-    for key in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
-        assert m[key] == pytest.approx(0.0), key
-
-
-def test_rouge_partial_overlap_by_hand():
-    m = metrics.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
-    # ROUGE-1: 5 chars each, 3 shared (我 喜 欢) -> P = R = 3/5 -> F1 = 0.6 -> 60
-    assert m["rouge1"] == pytest.approx(60.0)
-    # ROUGE-2: bigrams 我喜 喜欢 欢音 音乐 vs 我喜 喜欢 欢电 电影 -> 2 of 4 shared -> F1 = 0.5 -> 50
-    assert m["rouge2"] == pytest.approx(50.0)
-    # ROUGE-L: longest common subsequence 我喜欢 = 3 of 5 -> F1 = 0.6 -> 60
-    assert m["rougeL"] == pytest.approx(60.0)
-
-
-def test_rouge_counts_latin_words_as_one_unit():
-    # units: Nolan 你 赢 了 vs Nolan 输 了 -> 2 shared; P = 2/3, R = 2/4 -> F1 = 2PR/(P+R) = 4/7
-    m = metrics.compute_metrics(["Nolan 输了"], ["Nolan你赢了"])
-    assert m["rouge1"] == pytest.approx(100 * 4 / 7)
-
-
-def test_bleu_partial_overlap_by_hand():
-    # hyp 我喜欢看电影 vs ref 我喜欢看电视 (tok:zh -> one word per character, 6 each, BP = 1)
-    # n-gram precisions: 1: 5/6, 2: 4/5, 3: 3/4, 4: 2/3 -> product 1/3 -> BLEU = (1/3)^(1/4) = 0.7598
-    m = metrics.compute_metrics(["我喜欢看电影"], ["我喜欢看电视"])
-    assert m["bleu"] == pytest.approx(100 * (1 / 3) ** 0.25, abs=1e-6)
-
-
-def test_chrf_partial_overlap_by_hand():
-    # char n-grams of 我喜欢音乐 vs 我喜欢电影, orders 1-5 exist on both sides (no 6-grams, so they don't count):
-    # precision = recall per order: 3/5, 2/4, 1/3, 0/2, 0/1 -> mean P = mean R = 1.4333/5 = 0.28667
-    # F-beta with P == R is P -> chrF = 28.667
-    m = metrics.compute_metrics(["我喜欢音乐"], ["我喜欢电影"])
-    assert m["chrf"] == pytest.approx(100 * (3 / 5 + 2 / 4 + 1 / 3) / 5, abs=1e-6)
-
-
-def test_char_tokenizer_units():
-    units = metrics.CharTokenizer().tokenize("Nolan你赢了，陀螺 2010年 café!")
-    assert units == ["Nolan", "你", "赢", "了", "，", "陀", "螺", "2010", "年", "café", "!"]
-
-
-def test_distinct_n_by_hand():
-    texts = ["我喜欢", "我喜欢电影"]
-    # unigrams: 我 喜 欢 | 我 喜 欢 电 影 -> 5 unique of 8 -> 62.5
-    assert metrics.distinct_n(texts, 1) == pytest.approx(62.5)
-    # bigrams: 我喜 喜欢 | 我喜 喜欢 欢电 电影 -> 4 unique of 6 (none across the two texts) -> 66.67
-    assert metrics.distinct_n(texts, 2) == pytest.approx(100 * 4 / 6)
-    assert metrics.distinct_n(["", "a"], 2) == 0.0  # no bigram at all
-
-
-def test_average_length_in_characters():
-    assert metrics.average_length(["ab", "", "我喜欢"]) == pytest.approx(5 / 3)
-
-
-def test_empty_predictions_score_zero_without_crashing():
-    m = metrics.compute_metrics(["", ""], ["我喜欢电影", "好看"])
-    assert m == {key: 0.0 for key, _ in metrics.METRICS}
-
-
-def test_compute_metrics_rejects_mismatched_or_empty_lists():
-    with pytest.raises(ValueError):
-        metrics.compute_metrics(["a"], ["a", "b"])
-    with pytest.raises(ValueError):
-        metrics.compute_metrics([], [])
-
-
-def test_metric_definitions_name_tokenization_and_versions():
-    d = metrics.metric_definitions()
-    assert "tok:zh" in d["bleu"]["signature"] and "version:2.6" in d["bleu"]["signature"]
-    assert "nc:6" in d["chrf"]["signature"]
-    assert "rouge-score 0.1.2" in d["rouge1"]["how"] and "latin" in d["rouge1"]["tokenization"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,75 +373,6 @@ def test_compare_dir_without_metrics_exits_2(tmp_path):
         f"error: {tmp_path / 'run'}: no metrics.json here or in {tmp_path / 'run' / 'eval'} "
         "(run evaluate_movie_review.py --model_dir on it first)"]
     assert not (tmp_path / "c.png").exists()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# --compare
-# --------------------------------------------------------------------------------------------------------------
-def _metrics(model: dict | None, digest: str = "same") -> dict:
-    keys = [k for k, _ in metrics.METRICS]
-    return {
-        "model": None if model is None else dict(zip(keys, model["values"], strict=True)),
-        "baselines": {"last": dict(zip(keys, [1.5, 10, 20, 3, 15, 70, 95, 40], strict=True)),
-                      "random": dict(zip(keys, [1, 9, 18, 2, 14, 72, 96, 35.25], strict=True))},
-        "references": {"distinct_1": 68.123, "distinct_2": 97, "avg_length": 42.0},
-        "references_sha256": digest,
-    }
-
-
-def test_compare_prints_table_and_writes_chart(tmp_path, capsys):
-    from PIL import Image
-
-    full = tmp_path / "exp1_full" / "eval"
-    full.mkdir(parents=True)
-    (full / "metrics.json").write_text(json.dumps(_metrics({"values": [12.345, 30, 40.5, 20, 35, 60, 90, 38.26]})))
-    bare = tmp_path / "exp4_baseline" / "eval"
-    bare.mkdir(parents=True)
-    (bare / "metrics.json").write_text(json.dumps(_metrics({"values": [2, 15.556, 25, 5, 20, 50, 80.004, 20]})))
-    png = tmp_path / "chart.png"
-    # A run folder, and an eval folder: both name the run after the folder holding eval/.
-    assert ev.main(["--compare", str(tmp_path / "exp1_full"), str(bare), "--compare_out", str(png)]) == 0
-    out = capsys.readouterr()
-    table = out.out.split("\n\n")[0].splitlines()
-    assert table == [
-        "| run | BLEU | chrF | ROUGE-1 | ROUGE-2 | ROUGE-L | distinct-1 | distinct-2 | avg length |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        "| exp1_full | 12.35 | 30.00 | 40.50 | 20.00 | 35.00 | 60.00 | 90.00 | 38.3 |",
-        "| exp4_baseline | 2.00 | 15.56 | 25.00 | 5.00 | 20.00 | 50.00 | 80.00 | 20.0 |",
-        "| baseline: last | 1.50 | 10.00 | 20.00 | 3.00 | 15.00 | 70.00 | 95.00 | 40.0 |",
-        "| baseline: random | 1.00 | 9.00 | 18.00 | 2.00 | 14.00 | 72.00 | 96.00 | 35.2 |",
-        "| reference | - | - | - | - | - | 68.12 | 97.00 | 42.0 |",
-    ]
-    assert str(png) in out.out and out.err == ""
-    with Image.open(png) as image:
-        assert image.format == "PNG" and image.width > 100 and image.height > 100
-
-
-def test_compare_warns_about_different_test_sets(tmp_path, capsys):
-    paths = []
-    for name, digest in (("a", "x"), ("b", "y")):
-        path = tmp_path / name / "metrics.json"
-        path.parent.mkdir()
-        path.write_text(json.dumps(_metrics(None, digest)))
-        paths.append(str(path))
-    assert ev.main(["--compare", *paths, "--compare_out", str(tmp_path / "c.png")]) == 0
-    assert "different test sets" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
-    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
-    (["--do_sample", "--temperature", "0"], "--temperature must be > 0, got 0"),
-    (["--do_sample", "--top_p", "1.5"], "--top_p must be > 0 and <= 1, got 1.5"),
-    (["--top_k", "-1"], "--top_k must be >= 0, got -1"),
-    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
-])
-def test_bad_numbers_are_one_line_and_write_nothing(flags, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        ev.main(["--model_dir", str(tmp_path / "run"), *flags])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]
-    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------------------------

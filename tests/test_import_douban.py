@@ -9,8 +9,6 @@ that start a process are marked slow.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -27,96 +25,22 @@ from review_lm.data import douban_formats as fmt
 from review_lm.data import douban_import as di
 from review_lm.data import douban_output as do
 from review_lm.data.prompts import TASK_DESCRIPTION
+from tests.douban_layouts import (
+    COMMENTS_HEADER,
+    DMSC_EXPECTED,
+    DMSC_HEADER,
+    LONG_HEADER,
+    MOVIES_HEADER,
+    TOFU_HEADER,
+    USERS_HEADER,
+    assert_nothing_written,
+    assert_usage_error,
+    loaded,
+    run_import,
+    skipped,
+    write_csv,
+)
 from tests.helpers import REPO
-
-DMSC_HEADER = ["ID", "Movie_Name_EN", "Movie_Name_CN", "Crawl_Date", "Number", "Username", "Date", "Star",
-               "Comment", "Like"]
-COMMENTS_HEADER = ["COMMENT_ID", "USER_ID", "MOVIE_ID", "CONTENT", "VOTES", "COMMENT_TIME"]
-MOVIES_HEADER = ["MOVIE_ID", "NAME", "ALIAS", "ACTORS", "COVER", "DIRECTORS", "DOUBAN_SCORE", "DOUBAN_VOTES",
-                 "GENRES", "IMDB_ID", "LANGUAGES", "MINS", "OFFICIAL_SITE", "REGIONS", "RELEASE_DATE", "SLUG",
-                 "STORYLINE", "TAGS", "YEAR", "ACTOR_IDS", "DIRECTOR_IDS"]
-USERS_HEADER = ["USER_ID", "USER_NICKNAME", "USER_AVATAR", "USER_URL"]
-TOFU_HEADER = ["标题", "简介", "豆瓣评分", "链接", "创建时间", "我的评分", "标签", "评论", "可见性"]
-LONG_HEADER = ["标题", "评论对象", "链接", "创建时间", "我的评分", "类型", "内容"]
-
-
-def run_import(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = import_douban.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def loaded(path: Path) -> dict[str, list[tuple[str, str, str]]]:
-    """What the loader reads back: user name -> [(movie, text, timestamp)] oldest first (non-empty texts)."""
-    data = dl.load_review_data([str(path)])
-    return {u.name: [(r.movie, r.text, r.timestamp) for r in u.reviews] for u in data.users}
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[str]], bom: bool = True, crlf: bool = True) -> Path:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n" if crlf else "\n").writerows([header, *rows])
-    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode("utf-8"))
-    return path
-
-
-def skipped(summary: str) -> dict[str, tuple[int, str]]:
-    """The summary's skip table: reason -> (count, where the first one was)."""
-    return {m[1]: (int(m[2].replace(",", "")), m[3])
-            for m in re.finditer(r"^  ([a-zA-Z ]+):\s+([\d,]+)  first: (.*)$", summary, re.M)}
-
-
-def assert_usage_error(rc: int, out: str, err: str, *fragments: str) -> None:
-    assert rc == 2, err
-    assert out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
-def assert_nothing_written(folder: Path, before: set[str]) -> None:
-    assert {p.name for p in folder.iterdir()} == before, "the failed import left files behind"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# DMSC
-# ----------------------------------------------------------------------------------------------------------------
-def dmsc_rows() -> list[list[str]]:
-    def row(i, en, cn, user, day, comment):
-        return [str(i), en, cn, "2017-01-22", str(i), user, day, "4", comment, "3"]
-
-    return [
-        row(0, "Avengers", "复仇者联盟", "影迷甲", "2015-05-13", " 特效不错，剧情一般"),  # leading space, as in DMSC
-        row(1, "Iron Man", "钢铁侠", "影迷甲", "2015-05-01", " boring"),
-        row(2, "Avengers", "复仇者联盟", "影迷甲", "2015-05-13", " 特效不错，剧情一般"),  # exact duplicate of row 0
-        row(3, "Big Fish", "大鱼海棠", "影迷甲", "2016-07-09", ""),  # empty comment (a rating only)
-        row(4, "Zootopia", "疯狂动物城", "影迷甲", "2016-13-04", " 好看"),  # month 13
-        row(5, "Monkey King", "", "影迷甲", "2015/7/10", " 画面，\n第二行，\"引号\""),  # no Chinese title; newline
-        row(6, "Mermaid", "美人鱼", "影迷甲", "2016-02-08 20:15:00", " 功夫之后再无周星驰。"),
-        row(7, "Mojin", "寻龙诀", "影迷甲", "2015-12-20", " 铁三角"),
-        row(8, "Lost in Hong Kong", "港囧", "影迷甲", "2015-09-25", " 一般"),
-        row(9, "Dragon Blade", "天将雄师", "影迷甲", "2015-02-19", " 成龙"),
-        row(10, "Iron Man", "钢铁侠", "路人乙", "2015-05-02", " 还行"),
-        row(11, "Avengers", "复仇者联盟", "路人乙", "2015-05-14", " 不错"),
-    ]
-
-
-DMSC_EXPECTED = [  # 影迷甲, oldest first
-    ("天将雄师", "成龙", "2015-02-19"),
-    ("钢铁侠", "boring", "2015-05-01"),
-    ("复仇者联盟", "特效不错，剧情一般", "2015-05-13"),
-    ("Monkey King", "画面，\n第二行，\"引号\"", "2015-07-10"),
-    ("港囧", "一般", "2015-09-25"),
-    ("寻龙诀", "铁三角", "2015-12-20"),
-    ("美人鱼", "功夫之后再无周星驰。", "2016-02-08"),
-]
-
-
-@pytest.fixture
-def dmsc_file(tmp_path) -> Path:
-    path = write_csv(tmp_path / "DMSC.csv", DMSC_HEADER, dmsc_rows())
-    with open(path, "ab") as f:  # a broken row: three fields where the header has ten
-        f.write("99,Broken,坏行\r\n".encode())
-    return path
 
 
 def test_dmsc_fixture_imports_to_the_expected_user_and_skips_counted_by_reason(dmsc_file, tmp_path, capsys):
@@ -391,106 +315,6 @@ def test_the_real_dmr_sample_imports_to_the_converted_reviews(douban_dmr_dir, tm
 def loaded_many(files: list[str]) -> dict[str, list[tuple[str, str, str]]]:
     data = dl.load_review_data(files)
     return {u.name: [(r.movie, r.text, r.timestamp) for r in u.reviews] for u in data.users}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Output
-# ----------------------------------------------------------------------------------------------------------------
-def test_existing_output_needs_overwrite_and_is_replaced_whole(dmsc_file, tmp_path, capsys):
-    target = tmp_path / "o.json"
-    target.write_text("old", encoding="utf-8")
-    rc, out, err = run_import(capsys, dmsc_file, "--output", target)
-    assert_usage_error(rc, out, err, "exists; add --overwrite")
-    assert target.read_text(encoding="utf-8") == "old"
-    rc, _, err = run_import(capsys, dmsc_file, "--output", target, "--overwrite")
-    assert rc == 0, err
-    assert list(loaded(target)) == ["影迷甲"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["DMSC.csv", "o.json"]  # no temporary file left
-
-
-def test_a_folder_with_other_files_is_never_replaced(dmsc_file, tmp_path, capsys):
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
-    rc, out, err = run_import(capsys, dmsc_file, "--output", folder, "--overwrite")
-    assert_usage_error(rc, out, err, "notes.txt")
-    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
-
-
-def test_many_users_in_a_json_output_become_a_folder(dmsc_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(do, "FILE_USER_LIMIT", 1)
-    rc, out, err = run_import(capsys, dmsc_file, "--output", tmp_path / "all.json", "--min_reviews", "1")
-    assert rc == 0, err
-    assert not (tmp_path / "all.json").exists() and len(list((tmp_path / "all").iterdir())) == 2
-    assert set(loaded(tmp_path / "all")) == {"影迷甲", "路人乙"}
-
-
-def test_the_written_text_is_the_entry_one_review_a_line():
-    user = do.UserReviews("k", "名字 \"引号\"\n")
-    user.reviews = {("2015-01-02", "片名", "第一行\n第二行"): "", ("2015-01-01", "别的: 片", ""): "08:00:00"}
-    text = do.user_json(user)
-    assert json.loads(text) == do.user_entry(user)
-    lines = text.splitlines()
-    assert lines[-7] == ('            {"context": [], "continuation": "", "continuation_prefix": "别的: 片: ", '
-                         '"timestamp": "2015-01-01"},')
-
-
-def test_user_file_names_are_safe_and_distinct():
-    users = [do.UserReviews("k1", "a/b:c*?"), do.UserReviews("k2", "a/b:c*?"), do.UserReviews("k3", "..")]
-    names = do.user_file_names(users)
-    assert len(set(names)) == 3
-    assert all(re.fullmatch(r"user_[\w-]+_[0-9a-f]{10}(-\d+)?\.json", n) for n in names), names
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Bad inputs: one line, exit 2, nothing written
-# ----------------------------------------------------------------------------------------------------------------
-def bad_input_cases(tmp_path: Path, dmsc_file: Path) -> list[tuple[list, str]]:
-    no_comment = write_csv(tmp_path / "no_comment.csv", [c for c in DMSC_HEADER if c != "Comment"],
-                           [["1", "a", "b", "c", "1", "u", "2015-01-01", "3", "1"]])
-    unknown = write_csv(tmp_path / "other.csv", ["a", "b", "c"], [["1", "2", "3"]])
-    gbk = tmp_path / "gbk.csv"
-    gbk.write_bytes(",".join(DMSC_HEADER).encode() + "\n1,a,中文,c,1,用户,2015-01-01,3,好看,1\n".encode("gbk"))
-    fake_xlsx = tmp_path / "fake.xlsx"
-    fake_xlsx.write_bytes(b"PK\x03\x04 this is no workbook")
-    spec_json = REPO / "example_movie_review_data.json"
-    out = tmp_path / "o.json"
-    return [
-        ([no_comment, "--output", out], "missing column Comment"),
-        ([unknown, "--output", out], "not a known Douban layout"),
-        ([gbk, "--output", out], "not UTF-8"),
-        ([fake_xlsx, "--output", out, "--user_name", "x"], "not a readable XLSX file"),
-        ([tmp_path / "missing.csv", "--output", out], "no such file"),
-        ([tmp_path, "--output", out], "is a directory"),
-        ([spec_json, "--output", out], "already the project's review JSON"),
-        ([dmsc_file, "--output", out, "--format", "tofu"], "not a tofu file"),
-        ([dmsc_file, fake_xlsx, "--output", out], "import one layout at a time"),
-        ([dmsc_file, dmsc_file, "--output", out], "given twice"),
-        ([dmsc_file, "--output", out, "--user_name", "x"], "--user_name is for the tofu export"),
-        ([dmsc_file, "--output", out, "--min_reviews", "0"], "--min_reviews must be >= 1"),
-        ([dmsc_file, "--output", out, "--since", "2015-13-01"], "--since must be a date"),
-        ([dmsc_file, "--output", out, "--since", "2016-01-01", "--until", "2015-01-01"], "is after --until"),
-        ([dmsc_file, "--output", out, "--min_reviews", "50"], "the most reviews any has is 7"),
-        ([dmsc_file, "--output", out, "--users", "路人乙"], "no user named 路人乙 among the 1 users with 7"),
-        ([dmsc_file, "--output", tmp_path / "DMSC.csv" / "o.json"], "is not a folder"),
-    ]
-
-
-def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(dmsc_file, tmp_path, capsys):
-    cases = bad_input_cases(tmp_path, dmsc_file)
-    before = {p.name for p in tmp_path.iterdir()}
-    for argv, fragment in cases:
-        rc, out, err = run_import(capsys, *argv)
-        assert_usage_error(rc, out, err, fragment)
-        assert_nothing_written(tmp_path, before)
-
-
-def test_bad_flag_value_is_argparse_one_line(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        import_douban.main(["x.csv", "--output", str(tmp_path / "o.json"), "--max_users", "many"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err == "error: argument --max_users: invalid int value: 'many'\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------
