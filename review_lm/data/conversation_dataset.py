@@ -78,10 +78,11 @@ class ConversationPieces:
         system, request, answer = array("i"), array("i"), array("i")
         starts = array("q", [0])
         for user in users:
-            text = layout.system_piece(builder.system_text(user))
+            # Segments, not the joined text: the data's texts inside never become special tokens (text_tokens).
+            text = layout.system_segments(builder.system_text(user))
             system.append(store.add_text("system", text))
             for r in user.reviews:
-                piece = layout.request_piece(builder.request_text(r.movie))
+                piece = layout.request_segments(builder.request_text(r.movie))
                 request.append(store.add_text("request", piece))
                 answer.append(store.add_text("text", r.text))
             starts.append(starts[-1] + len(user.reviews))

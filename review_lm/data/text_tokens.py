@@ -1,0 +1,122 @@
+"""Text is text: strings from the data or the command line never become special or control tokens.
+
+A review, title, user name or task description may contain ``<|im_end|>``, ``<|im_start|>`` or
+``<|endoftext|>`` (scraped text does). Tokenized like the layout's own markers they would become the control ids:
+a review could open a fake user turn inside its labelled span, a title a fake assistant header, and an EOS inside
+a spec target would teach the model to stop mid-review. Chat-serving stacks encode user text with special-token
+splitting for this reason; so does every piece here.
+
+A piece is given either as a plain ``str`` (all of it is text from the data: the spec format's header, history
+lines, request, target) or as :data:`Segments`, a tuple alternating *layout* and *text*
+(``(layout, text, layout, text, ..., layout)``; even indexes are layout) - e.g. a conversation request piece is
+``(user_prefix, request, user_suffix)``. :class:`TextEncoder` then
+
+* cuts the piece only at the added tokens found in its *layout* segments (ChatML markers, end-of-turn): the
+  tokenizer itself cuts a text at every added token before its BPE runs, so for text without such strings the
+  chunks and hence the ids are exactly ``tokenizer(piece)``'s (the spec preview and test_samples.json of clean
+  data are byte-identical);
+* tokenizes every chunk with ``split_special_tokens=True`` (transformers' documented call argument: special
+  tokens inside it are plain text, e.g. ``<|im_end|>`` -> ``<``, ``|``, ``im``, ``_end``, ``|>``);
+* additionally cuts the *text* segments just after the first character of any added token that is not special
+  (Qwen's ``<think>``, ``<tool_call>``, ``<|fim_prefix|>`` ...): ``split_special_tokens`` leaves those whole and
+  the tokenizer has no documented switch for them, so the string is tokenized in two chunks (``<`` and
+  ``think>``) - ordinary ids that decode to the same text.
+
+The layout's markers are thus the only added-token ids a piece can contain (checked by
+``tests/test_data_integrity.py`` for every special token of the Qwen tokenizer in every field, both formats).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+Segments = tuple[str, ...]  # (layout, text, layout, text, ..., layout): even indexes layout, odd ones text
+
+
+def _pattern(strings) -> re.Pattern | None:
+    # Longest first: at one position the tokenizer's added-token matcher prefers the longest token.
+    ordered = sorted({s for s in strings if s}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
+class TextEncoder:
+    """Token ids of pieces whose text segments can never produce an added (special or control) token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = tokenizer.get_added_vocab()  # every added token, special or not: str -> id
+        special = set(tokenizer.all_special_tokens)
+        self.added_ids = frozenset(added.values())
+        self._added_id = added
+        self._markers = _pattern(added)  # what the tokenizer would cut a layout segment at
+        self._not_special = _pattern(t for t in added if t not in special)
+
+    # -- chunking ------------------------------------------------------------------------------------------------
+    def _text_chunks(self, text: str) -> list[str]:
+        """``text`` cut just after the first character of every non-special added token in it (see the module
+        docstring); one chunk when there is none (the fast path: clean data)."""
+        if self._not_special is None or self._not_special.search(text) is None:
+            return [text]
+        chunks, start = [], 0
+        for m in self._not_special.finditer(text):
+            chunks.append(text[start:m.start() + 1])
+            start = m.start() + 1
+        chunks.append(text[start:])
+        return chunks
+
+    def _plan(self, piece: str | Segments) -> list[str | int]:
+        """The piece as chunks of text (str, tokenized with special-token splitting) and marker ids (int)."""
+        segments = ("", piece) if isinstance(piece, str) else piece
+        plan: list[str | int] = []
+        current = ""
+        for k, segment in enumerate(segments):
+            if k % 2:  # text from the data: never cut at a marker, only escaped
+                first, *rest = self._text_chunks(segment)
+                current += first
+                for chunk in rest:
+                    plan.append(current)
+                    current = chunk
+                continue
+            start = 0
+            for m in self._markers.finditer(segment) if self._markers is not None else ():
+                current += segment[start:m.start()]
+                plan += [current, self._added_id[m.group()]]
+                current, start = "", m.end()
+            current += segment[start:]
+        plan.append(current)
+        return [p for p in plan if p != ""]
+
+    # -- encoding ------------------------------------------------------------------------------------------------
+    def encode(self, pieces: Sequence[str | Segments]) -> list[list[int]]:
+        """The ids of each piece (no special tokens added), all text chunks in one batched tokenizer call."""
+        plans = [self._plan(p) for p in pieces]
+        texts = [c for plan in plans for c in plan if isinstance(c, str)]
+        ids = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                                  return_attention_mask=False)["input_ids"] if texts else [])
+        out = []
+        for plan in plans:
+            piece: list[int] = []
+            for c in plan:
+                if isinstance(c, str):
+                    piece += next(ids)
+                else:
+                    piece.append(c)
+            out.append(piece)
+        return out
+
+    def encode_one(self, piece: str | Segments) -> list[int]:
+        return self.encode([piece])[0]
+
+
+def text_is_text(tokenizer) -> bool:
+    """Whether ``tokenizer`` honours ``split_special_tokens=True`` (a special token in text is not its id)."""
+    eos = tokenizer.eos_token
+    if not eos:
+        return True
+    ids = tokenizer(eos, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids != [tokenizer.eos_token_id]
+
+
+__all__ = ["Segments", "TextEncoder", "text_is_text"]
