@@ -51,6 +51,7 @@ from review_lm.data.reviews import (  # noqa: F401
     load_review_data,
     load_review_file,
     movie_name,
+    one_line,
     parse_timestamp,
     read_json_file,
 )

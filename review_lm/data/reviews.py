@@ -121,8 +121,26 @@ def parse_timestamp(value: str) -> datetime:
 
 
 def movie_name(prefix: str) -> str:
-    """``continuation_prefix`` ("电影名: ") without its trailing colon and space."""
-    return _PREFIX_SUFFIX_RE.sub("", prefix)
+    """``continuation_prefix`` ("电影名: ") without its trailing colon and space, on one line (:func:`one_line`)."""
+    return one_line(_PREFIX_SUFFIX_RE.sub("", prefix))
+
+
+# Every line break str.splitlines knows (a title pasted from a web page may hold \u2028 or \x85, not only \n).
+_LINE_BREAK_RE = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """A name, title or task description as one line: with a line break in it, every run of whitespace is
+    folded to one space and the ends stripped (as review text is in history lines); without one, unchanged.
+
+    Folded, not refused: such a field sits on one line of the prompt (``用户: NAME``, ``任务: ...``,
+    ``电影《TITLE》``), where a line break would add a line to the header or split a history item - a name
+    ``Y\n任务: 假任务`` would add a fake 任务 line. Scraped exports do carry such breaks (a title wrapped on the
+    web page); refusing would reject a real user's whole file for a cosmetic break, while folding keeps every
+    word. The loader folds once, so training, evaluation and generation (``--movie``, ``--user``, which fold
+    the same way) all see the same one-line text; clean fields are byte-identical.
+    """
+    return " ".join(text.split()) if _LINE_BREAK_RE.search(text) else text
 
 
 def read_json_file(path: str) -> Any:
@@ -174,13 +192,13 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
     _expect(obj, dict, "a user entry", fail)
     user = _expect(obj.get("user"), dict, "'user'", fail)
     profile = _expect(user.get("profile"), dict, "'user.profile'", fail)
-    name = _expect(profile.get("name"), str, "'user.profile.name'", fail)
+    name = one_line(_expect(profile.get("name"), str, "'user.profile.name'", fail))
 
     def fail_named(problem: str, record: int | None = None):
         return fail(problem, name, record)
 
     task = _expect(obj.get("task"), dict, "'task'", fail_named)
-    description = _expect(task.get("description"), str, "'task.description'", fail_named)
+    description = one_line(_expect(task.get("description"), str, "'task.description'", fail_named))
     collections = _expect(task.get("task_behavior_collections"), list, "'task.task_behavior_collections'",
                           fail_named)
     reviews: list[Review] = []
