@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from review_lm.data.reviews import Sample
 from review_lm.data.text_tokens import Segments, TextEncoder
+from review_lm.utils import interrupt_point
 
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
 
@@ -59,6 +60,7 @@ class PieceStore:
         pending, encoder = self._pending, TextEncoder(tokenizer)
         for start in tqdm(range(0, len(pending), batch_size), desc="tokenizing review pieces", unit="batch",
                           disable=None if len(pending) > 50 * batch_size else True):
+            interrupt_point("tokenizing")  # a Ctrl-C whose exception a __del__ swallowed still stops here
             texts = [render(arg) for render, arg in pending[start:start + batch_size]]
             ids = encoder.encode(texts)
             lengths.extend(map(len, ids))

@@ -233,17 +233,28 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> No
 
 
 def remove_previous_run(output_dir: str) -> list[str]:
-    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed."""
+    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed.
+
+    Renamed aside first (into :data:`PREVIOUS_RUN_ASIDE`, one ``rename`` per name, same file system), then the
+    aside folder deleted: a crash or kill mid-way leaves whole files in the aside folder, never a half-deleted
+    checkpoint among the run's files; the next removal deletes a leftover aside folder too. The train script
+    calls this with signals deferred and only once the new run's files are ready to be written."""
     removed = []
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
     ours = set(RUN_ARTIFACTS)
     if ADAPTER_CONFIG in names:  # peft's model card sits beside the adapter it describes
         ours.add(ADAPTER_MODEL_CARD)
+    aside = path(output_dir, PREVIOUS_RUN_ASIDE)
     for name in names:
-        target = path(output_dir, name)
         if name in ours or checkpoint_step(name) is not None:
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            os.makedirs(aside, exist_ok=True)
+            moved = path(aside, name)
+            if os.path.lexists(moved):  # from an earlier removal that was killed: that copy is older
+                shutil.rmtree(moved) if os.path.isdir(moved) else os.remove(moved)
+            os.replace(path(output_dir, name), moved)
             removed.append(name)
+    if os.path.isdir(aside):
+        shutil.rmtree(aside)
     return removed
 
 
