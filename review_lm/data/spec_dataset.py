@@ -183,7 +183,7 @@ class ReviewDataset:
                 raise reviews.ReviewDataError(
                     f"--max_length {self.max_length}", f"too small: the prompt without history already needs "
                     f"{base[too_small[0]]} tokens for {s.target.movie!r}", s.user.index, s.user.name,
-                    s.target.record_index)
+                    s.target.record_index, s.target.collection)
             target = np.where(over, room, target)
         n = positions if t.builder.use_history else np.zeros_like(positions)
         count = n.copy()
