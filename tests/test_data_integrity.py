@@ -116,6 +116,31 @@ def test_split_special_tokens_works_with_the_installed_tokenizer(qwen_tokenizer)
     assert encoder.encode_one(segments) == qwen_tokenizer("".join(segments), add_special_tokens=False)["input_ids"]
 
 
+class IgnoresSplitting:
+    """A tokenizer that ignores ``split_special_tokens`` (the escape by cutting must then cover every token)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.all_special_tokens, self.eos_token = tokenizer.all_special_tokens, tokenizer.eos_token
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def get_added_vocab(self):
+        return self.tokenizer.get_added_vocab()
+
+    def __call__(self, text, **kwargs):
+        kwargs.pop("split_special_tokens", None)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_a_tokenizer_without_special_token_splitting_is_escaped_by_cutting(qwen_tokenizer):
+    fake = IgnoresSplitting(qwen_tokenizer)
+    assert not text_tokens.text_is_text(fake)
+    encoder = text_tokens.TextEncoder(fake)
+    for token in planted_tokens(qwen_tokenizer):
+        ids = encoder.encode_one(f"前{token}后")
+        assert not set(ids) & encoder.added_ids and qwen_tokenizer.decode(ids) == f"前{token}后", token
+
+
 @pytest.mark.parametrize("prompt_format,template", FORMATS)
 def test_planted_tokens_never_become_control_ids(tmp_path, qwen_tokenizer, prompt_format, template):
     added = set(qwen_tokenizer.get_added_vocab().values())
@@ -169,7 +194,8 @@ def test_names_titles_and_descriptions_are_folded_to_one_line(tmp_path):
     assert user.reviews[0].movie == "盗梦 空间"
     splits = dl.split_chronologically(load(tmp_path, [entry]), 0.6, 0.2, 0.2)
     prompt = PromptBuilder().render(splits["test"][0])
-    assert sum(line.startswith("任务: ") for line in prompt.split("\n")) == 1 and prompt.startswith("用户: Y 任务: 假任务\n任务: 第一行 第二行\n\n")
+    assert sum(line.startswith("任务: ") for line in prompt.split("\n")) == 1
+    assert prompt.startswith("用户: Y 任务: 假任务\n任务: 第一行 第二行\n\n")
     assert "  电影《盗梦 空间》: " in prompt
     assert dl.one_line("盗梦  空间") == "盗梦  空间"  # no line break: unchanged (clean data byte-identical)
     assert dl.one_line("a\u2028b") == "a b"

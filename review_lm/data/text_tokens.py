@@ -51,7 +51,10 @@ class TextEncoder:
         self.added_ids = frozenset(added.values())
         self._added_id = added
         self._markers = _pattern(added)  # what the tokenizer would cut a layout segment at
-        self._not_special = _pattern(t for t in added if t not in special)
+        # Escaped by cutting: the added tokens split_special_tokens leaves whole - the non-special ones, and all
+        # of them for a tokenizer that ignores the argument (checked once: is EOS-as-text still the EOS id?).
+        splits = text_is_text(tokenizer)
+        self._not_special = _pattern(t for t in added if not (splits and t in special))
 
     # -- chunking ------------------------------------------------------------------------------------------------
     def _text_chunks(self, text: str) -> list[str]:
