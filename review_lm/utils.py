@@ -159,7 +159,11 @@ class Interrupted(BaseException):
 
 def interrupt_handler(signum: int, frame) -> None:
     _received.append(signum)
-    raise Interrupted(signum)
+    if not _deferring:
+        raise Interrupted(signum)
+
+
+_deferring: list[bool] = []  # non-empty inside deferred_interrupts: the handler records, the section's end raises
 
 
 def install_interrupt_handlers() -> None:
@@ -179,26 +183,21 @@ def interrupt_point(name: str) -> None:
     if wanted and wanted.split(":")[0] == name:
         sig = getattr(signal, wanted.split(":")[1] if ":" in wanted else "SIGINT")
         os.kill(os.getpid(), sig)  # the handler runs at the next bytecode (or when deferred_interrupts ends)
-    if _received:
+    if _received and not _deferring:
         raise Interrupted(_received[-1], f"before {name}")
 
 
 class deferred_interrupts:
-    """``with deferred_interrupts():`` holds SIGINT/SIGTERM (blocked, not lost) for a short critical section -
-    replacing a previous run by a new one - and delivers them when it ends. Main thread only (a no-op else)."""
+    """``with deferred_interrupts():`` holds SIGINT/SIGTERM for a short critical section - replacing a previous
+    run by a new one - and raises :class:`Interrupted` when it ends. In Python, not with the signal mask: the
+    kernel may hand a process-directed signal to any thread (tokenizers' and torch's worker threads do not block
+    it), so only the handler itself can be relied on to wait."""
 
     def __enter__(self):
-        import signal
-        import threading
-
-        self._active = threading.current_thread() is threading.main_thread()
-        if self._active:
-            sigs = [getattr(signal, n) for n in INTERRUPT_SIGNALS]
-            self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        _deferring.append(True)
         return self
 
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        if self._active:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _deferring.pop()
+        if not _deferring and _received and exc_type is None:
+            raise Interrupted(_received[-1], "while the run folder was replaced")

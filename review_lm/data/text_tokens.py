@@ -95,15 +95,19 @@ class TextEncoder:
     def encode(self, pieces: Sequence[str | Segments]) -> list[list[int]]:
         """The ids of each piece (no special tokens added), all text chunks in one batched tokenizer call."""
         plans = [self._plan(p) for p in pieces]
-        texts = [c for plan in plans for c in plan if isinstance(c, str)]
-        ids = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
-                                  return_attention_mask=False)["input_ids"] if texts else [])
+        # Each distinct chunk once: the layout's own chunks ("\n", "assistant\n") recur in every piece.
+        texts = list(dict.fromkeys(c for plan in plans for c in plan if isinstance(c, str)))
+        ids = dict(zip(texts, self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                                             return_attention_mask=False)["input_ids"], strict=True)) if texts else {}
         out = []
         for plan in plans:
+            if len(plan) == 1 and isinstance(plan[0], str):  # a plain text piece (the spec format's)
+                out.append(list(ids[plan[0]]))  # a copy: equal pieces must not share one list
+                continue
             piece: list[int] = []
             for c in plan:
                 if isinstance(c, str):
-                    piece += next(ids)
+                    piece += ids[c]
                 else:
                     piece.append(c)
             out.append(piece)
