@@ -336,7 +336,27 @@ def test_test_prompts_of_another_format_are_refused(tmp_path, qwen_tokenizer):
             test_set.check_test_format(recs, other, "t.json", "m")
 
 
-def test_several_collections_unique_record_index_and_named_in_errors(tmp_path):
+def test_deferred_interrupts_wait_for_the_end_of_the_section():
+    import signal
+
+    from review_lm import utils
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        utils.install_interrupt_handlers()
+        with pytest.raises(utils.Interrupted) as stop:
+            with utils.deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                utils.interrupt_point("inside")  # deferred: no raise here
+                reached = True
+        assert reached and stop.value.exit_code == 143 and "SIGTERM received" in str(stop.value)
+    finally:
+        utils._received.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_several_collections_unique_record_index_and_named_in_errors(tmp_path, qwen_tokenizer):
     user = load(tmp_path, [user_entry(collections=2)]).users[0]
     assert sorted(r.record_index for r in user.reviews) == list(range(len(REVIEWS)))
     assert user.reviews[-1].collection == (1, 2)
@@ -344,6 +364,10 @@ def test_several_collections_unique_record_index_and_named_in_errors(tmp_path):
     entry["task"]["task_behavior_collections"][1]["data"][1]["timestamp"] = "yesterday"
     with pytest.raises(dl.ReviewDataError, match=r"task_behavior_collections\[1\] record #1: bad timestamp"):
         load(tmp_path, [entry])
+    data = load(tmp_path, [user_entry(collections=2)])
+    test = dl.split_chronologically(data, 0.6, 0.2, 0.2)["test"][-1]
+    record = dl.sample_record(rd.build_datasets({"test": [test]}, qwen_tokenizer, None)["test"].encoded(0))
+    assert (record["record_index"], record["collection"], record["collection_record"]) == (6, 1, 2)
     single = load(tmp_path, [user_entry()]).users[0]
     assert [r.collection for r in single.reviews] == [None] * len(REVIEWS)  # one collection: as before
 
