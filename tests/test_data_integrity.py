@@ -223,6 +223,10 @@ def test_overlap_and_foreign_files_are_pure_decisions(tmp_path):
     assert rf.foreign_files([".run.lock", ".launch.json"]) == []
     assert rf.foreign_files(["notes.txt", "test_samples.json"]) == ["notes.txt"]
     assert rf.foreign_files(["checkpoint-3", "config.json"]) == []
+    assert rf.foreign_files(["model-00001-of-00002.safetensors", "test_samples.json.123.tmp", "run_fingerprint.json"]
+                            ) == []
+    assert rf.foreign_files(["model-00001-of-00002.safetensors", "config.json"]) == [
+        "config.json", "model-00001-of-00002.safetensors"]  # a sharded model, no run marker
     with pytest.raises(UsageError, match="is inside --model_path"):
         rf.check_output_not_input(str(model / "out"), rf.training_inputs(str(model), None))
     ckpt = tmp_path / "other" / "checkpoint-5"

@@ -123,6 +123,11 @@ RUN_MARKERS = (RUN_RECORD, FINGERPRINT_FILE, LAUNCH_MARKER, TEST_SAMPLES, TEST_H
 _RUN_HOUSEKEEPING = (LOCK_FILE, LAUNCH_MARKER, FINGERPRINT_FILE, ADAPTER_MODEL_CARD, PREVIOUS_RUN_ASIDE)
 
 
+# Names of our files that vary: sharded weights, FSDP states, an atomic write's temporary file (utils.write_atomic).
+_OURS_RE = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin|"
+                      + re.escape(FSDP_WEIGHTS_PREFIX) + r".*|.+\.\d+\.tmp)$")
+
+
 def foreign_files(names: list[str]) -> list[str]:
     """The names in a folder listing that are not a run of this tool, sorted (``[]``: a run's folder or empty).
 
@@ -131,7 +136,7 @@ def foreign_files(names: list[str]) -> list[str]:
     model downloaded there). A run killed before its first checkpoint still holds a marker.
     """
     ours = {*RUN_ARTIFACTS, *_RUN_HOUSEKEEPING}
-    unknown = sorted(n for n in names if n not in ours and checkpoint_step(n) is None)
+    unknown = sorted(n for n in names if n not in ours and checkpoint_step(n) is None and not _OURS_RE.match(n))
     if unknown:
         return unknown
     if any(n in RUN_MARKERS or checkpoint_step(n) is not None for n in names):
