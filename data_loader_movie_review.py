@@ -51,6 +51,7 @@ from review_lm.data.reviews import (  # noqa: F401
     load_review_data,
     load_review_file,
     movie_name,
+    one_line,
     parse_timestamp,
     read_json_file,
 )
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_profile", action="store_true", help="drop the 用户 line from the prompt")
     parser.add_argument("--no_history", action="store_true", help="drop the history block from the prompt")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--max_length", type=int, default=4096,
+                        help="the training --max_length, for the warning about reviews far longer than it (4096)")
     args = parser.parse_args(argv)
     try:
         check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from review_lm.data.report import build_report, format_report  # the report's layout (no torch)
 
-    report = build_report(data, splits, PromptBuilder(not args.no_profile, not args.no_history))
+    report = build_report(data, splits, PromptBuilder(not args.no_profile, not args.no_history), args.max_length)
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else format_report(report))
     return 0
 

@@ -76,7 +76,7 @@ from review_lm.runs.run_folder import (
     STYLE_FIGURE,
     TEST_SAMPLES,
 )
-from review_lm.runs.test_set import SampleSet, load_test_samples
+from review_lm.runs.test_set import SampleSet, check_test_format, load_test_samples
 from review_lm.utils import (
     ArgumentParser,
     UsageError,
@@ -190,6 +190,8 @@ def evaluate(args: argparse.Namespace) -> int:
         # its test prompts are already in that format (test_samples.json), fed as their text's ids.
         record = run_folder.read_run_record(args.model_dir) if os.path.isfile(
             os.path.join(args.model_dir, run_folder.RUN_RECORD)) else None
+        if record is not None:  # a model trained elsewhere has no format to compare with
+            check_test_format(test.samples, record.prompt_format, test_file, args.model_dir)
         settings = GenerationSettings(args.max_new_tokens, args.batch_size, args.do_sample, args.temperature,
                                       args.top_p, args.top_k, args.seed, args.device, args.dtype,
                                       args.trust_remote_code, args.base_model,

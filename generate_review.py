@@ -121,6 +121,7 @@ def pick_user(users: list[dl.UserHistory], name: str | None, source: str) -> dl.
         if len(users) == 1:
             return users[0]
         raise UsageError(f"{source} holds {len(users)} users; pick one with --user NAME: {format_names(names)}")
+    name = dl.one_line(name)  # the loader folds names to one line; so does the choice
     matches = [u for u in users if u.name == name]
     if not matches:
         raise UsageError(f"--user {name}: no such user in {source}; available: {format_names(names)}")
@@ -131,14 +132,13 @@ def pick_user(users: list[dl.UserHistory], name: str | None, source: str) -> dl.
 
 def clean_movie_name(raw: str) -> str:
     """The film's name as the prompt writes it: stripped, without one pair of surrounding 《》 (the prompt adds
-    them). Empty or multi-line names are errors: the name sits on the prompt's one request line."""
-    name = raw.strip()
+    them), folded to one line as the loader folds the data's titles (``dl.one_line``: the name sits on the
+    prompt's one request line). An empty name is an error."""
+    name = dl.one_line(raw).strip()
     if name.startswith("《") and name.endswith("》"):
         name = name[1:-1].strip()
     if not name:
         raise UsageError(f"--movie {raw!r}: empty movie name")
-    if any(ch in name for ch in "\r\n"):
-        raise UsageError(f"--movie {raw!r}: a movie name must be one line")
     if lone_surrogate(name) is not None:  # bytes that are not UTF-8 in the argument or the typed line
         raise UsageError(f"--movie {raw!r}: not valid text (bytes that are not UTF-8)")
     return name

@@ -53,7 +53,16 @@ from review_lm.training.plan import (
     validate_arguments,
 )
 from review_lm.training.precision import PRECISIONS
-from review_lm.utils import ArgumentParser, UsageError, check_output_path, write_text_atomic
+from review_lm.utils import (
+    ArgumentParser,
+    Interrupted,
+    UsageError,
+    check_output_path,
+    deferred_interrupts,
+    install_interrupt_handlers,
+    interrupt_point,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:  # the datasets need the tokenizer: loaded only once the data has been validated
     from review_lm.data import datasets as rd
@@ -163,16 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if rank == 0 else logging.WARNING)
+    install_interrupt_handlers()  # until training's graceful stop takes over: one line, 128 + signal
     try:
         return train(args, rank)
     except (UsageError, dl.ReviewDataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
 
 
 def train(args: argparse.Namespace, rank: int) -> int:
     validate_arguments(args)  # every flag check that needs neither data nor hardware
     check_output_path(args.output_dir, "--output_dir")  # a file in the way, read-only, full: before the lock
+    interrupt_point("arguments_checked")
     # One run per output folder, for the run's whole life: taken before anything slow, released on any exit.
     with run_lock.RunLock(args.output_dir, launch.launch_id(), log=logger.warning) as lock:
         start = restart.decide_start(args, lock, WORLD_SIZE, skipped=logger.warning if rank == 0 else None)
@@ -193,7 +207,7 @@ def train(args: argparse.Namespace, rank: int) -> int:
             restart.record_start(args.output_dir, start, lock.run_id, args.max_epochs)
         try:
             return run(args, rank, start, lock)
-        except (UsageError, dl.ReviewDataError):
+        except (UsageError, dl.ReviewDataError, Interrupted):
             if rank == 0 and not os.path.exists(run_folder.path(args.output_dir, run_folder.TEST_SAMPLES)):
                 restart.undo_record_start(args.output_dir, start)  # nothing of this run was written yet
             raise
@@ -204,6 +218,7 @@ def run(args: argparse.Namespace, rank: int, start: restart.RunStart, lock: run_
     # Data errors surface first, before torch is imported (the hardware probe) and before the (slow) model load;
     # nothing is written until everything has loaded.
     data, splits = load_splits(args)
+    interrupt_point("data_loaded")
     report_to, report_msg = tracking.configure_reporting(args.report_to, os.environ,
                                                          importlib.util.find_spec("wandb") is not None)
     plan = plan_hardware(args, probe_hardware(args), WORLD_SIZE, report_to, report_msg, resume)
@@ -228,6 +243,7 @@ def run(args: argparse.Namespace, rank: int, start: restart.RunStart, lock: run_
         del data, splits
         prepared.release_texts()
     model = None if args.preview_only else model_setup.load_training_model(args, source, local_only, plan)
+    interrupt_point("model_loaded")  # the last point before a previous run may be replaced
     model_facts = adapters.describe(args, model)
     if model is not None:  # the logits chunk follows the head's width; its memory is told next to the model's
         plan = plan.with_vocab(model.config.get_text_config().vocab_size)
@@ -299,22 +315,28 @@ def start_output_dir(args, prepared: rd.PreparedData, plan: RunPlan, model_facts
     The data files come out byte-identical for the same arguments and data, so a resumed or restarted run
     rewrites them (atomically) to the same content."""
 
-    if start.plan.remove_previous:
-        removed = run_folder.remove_previous_run(args.output_dir)
-        if removed:
-            logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
-        restart.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
-    os.makedirs(args.output_dir, exist_ok=True)
+    interrupt_point("output_dir")
     logger.info(run_report.start_summary(args, prepared.data, prepared.splits, plan, model_facts, data_facts))
     for warning in run_report.start_warnings(args, plan, prepared):
         logger.warning(warning)
-    write_text_atomic(run_folder.path(args.output_dir, run_folder.PREVIEW),
-                      prepared.datasets["train"].preview_text(PREVIEW_SAMPLES))
-    out = args.output_dir
-    digest = fingerprint.fingerprint_digest(start.fingerprint)  # both files name the run: a mix-up is caught
-    test_set.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES),
-                                  prepared.datasets["test"].prompt_records(), digest)
-    test_set.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"], digest)
+    preview = prepared.datasets["train"].preview_text(PREVIEW_SAMPLES)
+    records = prepared.datasets["test"].prompt_records()
+    # Everything slow is done: a signal from here on waits (blocked, not lost) until the new run's files are in
+    # place, so a previous run is never removed without the new one replacing it.
+    with deferred_interrupts():
+        if start.plan.remove_previous:
+            removed = run_folder.remove_previous_run(args.output_dir)  # renamed aside, then deleted
+            if removed:
+                logger.warning("--overwrite_output_dir: removed the previous run's %s", ", ".join(removed))
+            restart.record_cleared(args.output_dir, start, lock.run_id, args.max_epochs)
+            interrupt_point("previous_run_removed")
+        os.makedirs(args.output_dir, exist_ok=True)
+        out = args.output_dir
+        digest = fingerprint.fingerprint_digest(start.fingerprint)  # both files name the run: a mix-up is caught
+        write_text_atomic(run_folder.path(out, run_folder.PREVIEW), preview)
+        test_set.write_test_samples(run_folder.path(out, run_folder.TEST_SAMPLES), records, digest)
+        test_set.write_test_histories(run_folder.path(out, run_folder.TEST_HISTORIES), prepared.splits["test"],
+                                      digest)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -196,3 +196,71 @@ def pyplot():
         plt.rcParams["font.sans-serif"] = [*cjk, *plt.rcParams["font.sans-serif"]]
         plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack the Unicode minus sign
     return plt
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Interrupts before training (Ctrl-C, SIGTERM): one line, exit 128 + signal, never a half-removed previous run
+# --------------------------------------------------------------------------------------------------------------
+INTERRUPT_SIGNALS = ("SIGINT", "SIGTERM")
+# Testing hook: "POINT" or "POINT:SIGTERM" sends that signal (default SIGINT) to this process when start-up
+# reaches the named point (interrupt_point), so tests interrupt at a known place instead of racing a timer.
+SIGNAL_AT_ENV = "REVIEW_LM_TEST_SIGNAL_AT"
+_received: list[int] = []  # signals seen by interrupt_handler (a swallowed exception still leaves its mark)
+
+
+class Interrupted(BaseException):
+    """A signal before training started. BaseException, like KeyboardInterrupt: no ``except Exception`` of a
+    library swallows it. ``str()`` is the one line to print, ``exit_code`` 128 + the signal (130 for SIGINT,
+    143 for SIGTERM, as training's graceful stop and generation use)."""
+
+    def __init__(self, signum: int, where: str = "while starting"):
+        import signal
+
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} received {where}: stopped before training started")
+
+
+def interrupt_handler(signum: int, frame) -> None:
+    _received.append(signum)
+    if not _deferring:
+        raise Interrupted(signum)
+
+
+_deferring: list[bool] = []  # non-empty inside deferred_interrupts: the handler records, the section's end raises
+
+
+def install_interrupt_handlers() -> None:
+    """SIGINT/SIGTERM raise :class:`Interrupted` until training installs its own graceful stop (main thread)."""
+    import signal
+
+    for name in INTERRUPT_SIGNALS:
+        signal.signal(getattr(signal, name), interrupt_handler)
+
+
+def interrupt_point(name: str) -> None:
+    """A named start-up point: raise :class:`Interrupted` if a signal arrived whose exception was swallowed
+    (an exception raised in a ``__del__`` is only printed), and fire the testing hook (``SIGNAL_AT_ENV``)."""
+    import signal
+
+    wanted = os.environ.get(SIGNAL_AT_ENV, "")
+    if wanted and wanted.split(":")[0] == name:
+        sig = getattr(signal, wanted.split(":")[1] if ":" in wanted else "SIGINT")
+        os.kill(os.getpid(), sig)  # the handler runs at the next bytecode (or when deferred_interrupts ends)
+    if _received and not _deferring:
+        raise Interrupted(_received[-1], f"before {name}")
+
+
+class deferred_interrupts:
+    """``with deferred_interrupts():`` holds SIGINT/SIGTERM for a short critical section - replacing a previous
+    run by a new one - and raises :class:`Interrupted` when it ends. In Python, not with the signal mask: the
+    kernel may hand a process-directed signal to any thread (tokenizers' and torch's worker threads do not block
+    it), so only the handler itself can be relied on to wait."""
+
+    def __enter__(self):
+        _deferring.append(True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _deferring.pop()
+        if not _deferring and _received and exc_type is None:
+            raise Interrupted(_received[-1], "while the run folder was replaced")

@@ -77,6 +77,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from review_lm.data.text_tokens import TextEncoder
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 TEMPLATE_MODES = ("auto", "none")
 # What a run records as "chat_template" (the template actually used) and downstream scripts read back; the one
@@ -116,11 +118,18 @@ class ChatLayout:
 
     def system_piece(self, system: str | None) -> str:
         """Everything before the first user turn. ``None`` or ``""``: no system turn."""
-        return self.system_prefix + system + self.system_suffix if system else self.no_system
+        return "".join(self.system_segments(system))
 
     def request_piece(self, request: str) -> str:
         """The user turn with ``request`` and the assistant header (ends where the review starts)."""
-        return self.user_prefix + request + self.user_suffix
+        return "".join(self.request_segments(request))
+
+    def system_segments(self, system: str | None) -> tuple[str, ...]:
+        """:meth:`system_piece` as ``text_tokens.Segments``: the system text is text, the rest layout."""
+        return (self.system_prefix, system, self.system_suffix) if system else (self.no_system,)
+
+    def request_segments(self, request: str) -> tuple[str, ...]:
+        return self.user_prefix, request, self.user_suffix
 
     def answer_piece(self, review: str) -> str:
         """The review and the end-of-turn: the labelled text."""
@@ -326,7 +335,7 @@ class ChatFormat:
     def __init__(self, tokenizer, chat_template: str = "auto", template_kwargs: dict[str, Any] | None = None):
         if chat_template not in TEMPLATE_MODES:
             raise ChatFormatError(f"chat_template must be one of {TEMPLATE_MODES}, got {chat_template!r}")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.text = tokenizer, TextEncoder(tokenizer)
         self.template_kwargs = dict(template_kwargs or {})
         self.uses_template = chat_template == "auto" and bool(tokenizer.chat_template)
         self.layout = template_layout(tokenizer, self.template_kwargs) if self.uses_template \
@@ -340,29 +349,24 @@ class ChatFormat:
         stops = [self.end_of_turn_id, tokenizer.eos_token_id]
         self.stop_token_ids = [t for i, t in enumerate(stops) if t is not None and t not in stops[:i]]
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, text: str) -> list[int]:  # the layout's own text only (markers are real tokens)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-
-    # -- pieces ------------------------------------------------------------------------------------------------
+    # -- pieces: texts from the data never yield a special token (text_tokens) ---------------------------------
     def system_ids(self, system: str | None) -> list[int]:
-        return self._ids(self.layout.system_piece(system))
+        return self.text.encode_one(self.layout.system_segments(system))
 
     def request_ids(self, request: str) -> list[int]:
-        return self._ids(self.layout.request_piece(request))
+        return self.text.encode_one(self.layout.request_segments(request))
 
     def answer_ids(self, review: str) -> list[int]:
         """The review's ids + the end-of-turn id (the review is tokenized alone, then the id appended)."""
-        return self._ids(review) + [self.end_of_turn_id]
+        return self.text.encode_one(review) + [self.end_of_turn_id]
 
     def encode_conversation(self, system: str | None, turns: Sequence[Turn]) -> ConversationTokens:
         """All pieces of one conversation, each tokenized on its own (batched)."""
-        requests = self._batch_ids([self.layout.request_piece(r) for r, _ in turns])
-        reviews = self._batch_ids([v for _, v in turns])
+        requests = self.text.encode([self.layout.request_segments(r) for r, _ in turns])
+        reviews = self.text.encode([v for _, v in turns])
         return ConversationTokens(self.system_ids(system), list(self.separator_ids), requests,
                                   [ids + [self.end_of_turn_id] for ids in reviews], self.end_of_turn_id)
 
@@ -415,7 +419,7 @@ class ChatFormat:
         Train on ``input_ids + target_ids + [end_of_turn_id]`` labelling the target and the end-of-turn."""
         prefix, suffix = self.spec_framing()
         text = self.layout.system_piece(None) + self.layout.request_piece(prompt)
-        return GenerationPrompt(text, prefix + self._ids(prompt) + suffix, list(self.stop_token_ids))
+        return GenerationPrompt(text, prefix + self.text.encode_one(prompt) + suffix, list(self.stop_token_ids))
 
     # -- checks -----------------------------------------------------------------------------------------------
     def check_against_template(self, system: str | None, turns: Sequence[Turn]) -> None:

@@ -32,6 +32,7 @@ from review_lm.data.pieces import EncodedView, PieceStore, PromptRecord
 from review_lm.data.prompts import IGNORE_INDEX, PromptBuilder, conversation_preview_text
 from review_lm.data.reviews import ReviewDataError, Sample, UserHistory
 from review_lm.data.splitting import new_review_sample
+from review_lm.data.text_tokens import cut_text
 
 
 @dataclass
@@ -69,7 +70,8 @@ class ConversationPieces:
     ``r`` is ``review_start[r] + position``. ``system[r]``, ``request[g]``, ``answer[g]`` are piece ids.
     """
 
-    def __init__(self, users: Sequence[UserHistory], tokenizer, builder: PromptBuilder, fmt: cf.ChatFormat):
+    def __init__(self, users: Sequence[UserHistory], tokenizer, builder: PromptBuilder, fmt: cf.ChatFormat,
+                 max_length: int | None = None):
         self.builder, self.fmt, self.tokenizer = builder, fmt, tokenizer
         self.users = list(users)
         self.row_of = {u.index: row for row, u in enumerate(users)}
@@ -78,12 +80,14 @@ class ConversationPieces:
         system, request, answer = array("i"), array("i"), array("i")
         starts = array("q", [0])
         for user in users:
-            text = layout.system_piece(builder.system_text(user))
+            # Segments, not the joined text: the data's texts inside never become special tokens (text_tokens).
+            text = layout.system_segments(builder.system_text(user))
             system.append(store.add_text("system", text))
             for r in user.reviews:
-                piece = layout.request_piece(builder.request_text(r.movie))
+                piece = layout.request_segments(builder.request_text(r.movie))
                 request.append(store.add_text("request", piece))
-                answer.append(store.add_text("text", r.text))
+                # cut_text: a review far longer than max_length, cut before it is tokenised (text_tokens).
+                answer.append(store.add_text("text", cut_text(r.text, max_length)))
             starts.append(starts[-1] + len(user.reviews))
         store.tokenize(tokenizer)
         self.system, self.request, self.answer = (np.frombuffer(a, dtype=np.int32) if len(a)
@@ -287,7 +291,7 @@ def build_conversation_datasets(splits: dict[str, list[Sample]], tokenizer, max_
     for samples in splits.values():
         for s in samples:
             users.setdefault(s.user.index, s.user)
-    pieces = ConversationPieces(list(users.values()), tokenizer, builder, fmt)
+    pieces = ConversationPieces(list(users.values()), tokenizer, builder, fmt, max_length)
     return {name: ConversationDataset(samples, pieces, max_length) for name, samples in splits.items()}
 
 
@@ -295,7 +299,8 @@ def new_review_prompt(fmt: cf.ChatFormat, user: UserHistory, movie: str, builder
                       max_length: int | None, max_new_tokens: int) -> ConversationSample:
     """The generation prompt for a new review of ``movie`` after the user's whole history (the most recent turns
     that fit with ``max_new_tokens`` in ``max_length``): the same pieces as the training windows."""
-    earlier = builder.turns(user.reviews) if builder.use_history else []
+    earlier = [(request, cut_text(review, max_length))  # as in training: a huge review is cut before tokenising
+               for request, review in (builder.turns(user.reviews) if builder.use_history else [])]
     try:
         gp = fmt.generation_prompt(builder.system_text(user), earlier, builder.request_text(movie), max_length,
                                    max_new_tokens)

@@ -51,7 +51,7 @@ def build_datasets(splits: dict[str, list[reviews.Sample]], tokenizer, max_lengt
         for s in samples:
             if s.user.index not in users:
                 users[s.user.index] = s.user
-    tokens = ReviewTokens(list(users.values()), tokenizer, builder)
+    tokens = ReviewTokens(list(users.values()), tokenizer, builder, max_length)
     return {name: ReviewDataset(samples, tokens, tokenizer.eos_token_id, max_length, fmt)
             for name, samples in splits.items()}
 

@@ -19,6 +19,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from review_lm.data.reviews import Sample
+from review_lm.data.text_tokens import Segments, TextEncoder
+from review_lm.utils import interrupt_point
 
 TOKENIZE_BATCH = 2048  # texts per tokenizer call: large enough for the Rust batch encoder to use its threads
 
@@ -34,28 +36,33 @@ class PieceStore:
         self.tokens = np.zeros(0, dtype=np.int32)
         self.offsets = np.zeros(1, dtype=np.int64)
 
-    def add(self, key: Hashable, render: Callable[[Any], str], arg: Any) -> int:
-        """The id of the piece ``render(arg)``; ``key`` must identify that text (equal keys, equal text)."""
+    def add(self, key: Hashable, render: Callable[[Any], str | Segments], arg: Any) -> int:
+        """The id of the piece ``render(arg)``; ``key`` must identify that text (equal keys, equal text).
+        ``render`` returns a ``str`` (all text from the data) or layout/text ``Segments`` (``text_tokens``)."""
         piece = self._index.get(key)
         if piece is None:
             piece = self._index[key] = len(self._pending)
             self._pending.append((render, arg))
         return piece
 
-    def add_text(self, kind: str, text: str) -> int:
-        """The id of a piece that is already text (a header, a review): keyed by its kind and the text."""
+    def add_text(self, kind: str, text: str | Segments) -> int:
+        """The id of a piece that is already text (a header, a review) or segments: keyed by its kind and them."""
         return self.add((kind, text), _identity, text)
 
     def tokenize(self, tokenizer, batch_size: int = TOKENIZE_BATCH) -> None:
-        """Tokenize every registered piece (without special tokens), in batches; then forget the texts."""
+        """Tokenize every registered piece (without special tokens), in batches; then forget the texts.
+
+        Text from the data never yields a special token (``text_tokens.TextEncoder``); batches are small, so a
+        signal handler (Ctrl-C, SIGTERM) runs between them."""
         # One growing C array rather than chunks + np.concatenate: concatenating would briefly need the whole
         # store twice (a large realloc is a remap on Linux, not a copy).
         tokens, lengths = array("i"), array("q")
-        pending = self._pending
+        pending, encoder = self._pending, TextEncoder(tokenizer)
         for start in tqdm(range(0, len(pending), batch_size), desc="tokenizing review pieces", unit="batch",
                           disable=None if len(pending) > 50 * batch_size else True):
+            interrupt_point("tokenizing")  # a Ctrl-C whose exception a __del__ swallowed still stops here
             texts = [render(arg) for render, arg in pending[start:start + batch_size]]
-            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            ids = encoder.encode(texts)
             lengths.extend(map(len, ids))
             tokens.frombytes(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32).view(np.uint8))
         self.tokens = np.frombuffer(tokens, dtype=np.int32) if len(tokens) else np.zeros(0, dtype=np.int32)
@@ -75,7 +82,7 @@ class PieceStore:
         return self.tokens.nbytes + self.offsets.nbytes
 
 
-def _identity(text: str) -> str:
+def _identity(text: str | Segments) -> str | Segments:
     return text
 
 

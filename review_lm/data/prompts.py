@@ -120,7 +120,7 @@ def sample_record(enc) -> dict[str, Any]:
     earlier reviews (the same for every ablation, whatever the prompt kept) as ``reviews[:position]``.
     """
     s = enc.sample
-    return {
+    record = {
         "user": s.user.name,
         "user_index": s.user.index,
         "record_index": s.target.record_index,
@@ -134,6 +134,9 @@ def sample_record(enc) -> dict[str, Any]:
         "target_truncated": enc.target_truncated,
         "position": s.position,
     }
+    if s.target.collection is not None:  # several movie_review collections: where the review is in the file
+        record["collection"], record["collection_record"] = s.target.collection
+    return record
 
 
 TEST_HISTORIES_FORMAT = "test_histories/1"

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import heapq
 import os
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
+
+from review_lm.data.text_tokens import cut_bound
 
 # The loader imports this module for its CLI, so this one never imports the loader: it only reads the loader's
 # objects (ReviewData, UserHistory, Sample, PromptBuilder) through their attributes.
@@ -25,6 +28,42 @@ def _time_range(samples: list) -> list[str] | None:
 
 def split_summary(samples_by_split: dict[str, list]) -> dict[str, Any]:
     return {name: {"samples": len(ss), "time_range": _time_range(ss)} for name, ss in samples_by_split.items()}
+
+
+PLACEHOLDER_TITLE = "电影名"  # what the README's format example writes as continuation_prefix ("电影名: ")
+
+
+def data_warnings(data, max_length: int | None = None, today: date | None = None) -> list[str]:
+    """One line per kind of data that looks wrong, each with its count (pure; ``today`` defaults to UTC today).
+
+    * the literal placeholder prefix ``电影名: `` (a file that copied the format example names every film 电影名);
+    * a title already in 《》 (the prompt adds them: 《《片名》》);
+    * a date after today (it lands in the test split: the latest reviews are tested) - one day of slack, since
+      naive timestamps are the writer's local time;
+    * a review far longer than ``max_length`` (over 128 characters per token of budget): cut before tokenising.
+    """
+    today = today or datetime.now(UTC).date()
+    bound = cut_bound(max_length)  # where the datasets cut a review before tokenising it
+    placeholder = wrapped = future = far = 0
+    for user in data.users:
+        for r in user.reviews:
+            placeholder += r.movie == PLACEHOLDER_TITLE
+            wrapped += r.movie.startswith("《") and r.movie.endswith("》")
+            future += r.time.date() > today + timedelta(days=1)
+            far += bound is not None and len(r.text) > bound
+    warnings = []
+    if placeholder:
+        warnings.append(f"{placeholder} reviews have the placeholder title {PLACEHOLDER_TITLE!r} "
+                        f"(continuation_prefix '{PLACEHOLDER_TITLE}: ' copied from the format example, not a film)")
+    if wrapped:
+        warnings.append(f"{wrapped} titles are already in 《》; the prompt adds them again (《《片名》》)")
+    if future:
+        warnings.append(f"{future} reviews are dated after today ({today.isoformat()}); the latest reviews form "
+                        "the test split")
+    if far:
+        warnings.append(f"{far} reviews are far longer than --max_length {max_length} (over {bound:,} characters); "
+                        "each is cut to that before tokenising (only its first max_length tokens can be used)")
+    return warnings
 
 
 REPORT_USERS_LISTED = 20  # the text report lists every user up to this many, then summarises (--json keeps all)
@@ -47,7 +86,7 @@ def _user_brief(user) -> dict[str, Any]:
     return {"index": user.index, "name": user.name, "reviews": len(user.reviews), "file": user.file}
 
 
-def build_report(data, splits: dict[str, list], builder) -> dict[str, Any]:
+def build_report(data, splits: dict[str, list], builder, max_length: int | None = None) -> dict[str, Any]:
     by_user = _samples_by_user(splits)
     no_samples = {name: [] for name in splits}
     per_user = []
@@ -58,6 +97,7 @@ def build_report(data, splits: dict[str, list], builder) -> dict[str, Any]:
             "file": user.file, "splits": split_summary(by_user.get(user.index, no_samples)),
         })
     warnings = [f"the {name} split is empty" for name in ("val", "test") if not splits[name]]
+    warnings += data_warnings(data, max_length)
     example = next((splits[name][0] for name in ("val", "test") if splits[name]), None) or splits["train"][-1]
     most = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (-len(u.reviews), u.index))
     fewest = heapq.nsmallest(REPORT_EXTREMES, data.users, key=lambda u: (len(u.reviews), u.index))

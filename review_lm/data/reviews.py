@@ -38,13 +38,16 @@ class ReviewDataError(ValueError):
     """Bad input. ``str(err)`` is one line: file, user (index and name), record index, what is wrong."""
 
     def __init__(self, path: str, problem: str, user_index: int | None = None,
-                 user_name: str | None = None, record_index: int | None = None):
+                 user_name: str | None = None, record_index: int | None = None,
+                 collection: tuple[int, int] | None = None):
         self.path, self.problem = path, problem
         self.user_index, self.user_name, self.record_index = user_index, user_name, record_index
         where = [str(path)] if path else []  # no path: a flag error, the message names the flag
         if user_index is not None:
             where.append(f"user #{user_index}" + (f" ({user_name})" if user_name else ""))
-        if record_index is not None:
+        if collection is not None:  # a user with several movie_review collections: where it is in the file
+            where.append(f"task_behavior_collections[{collection[0]}] record #{collection[1]}")
+        elif record_index is not None:
             where.append(f"record #{record_index}")
         # One line, whatever the data holds (names and titles may contain newlines).
         message = "".join(f"{w}: " for w in where) + problem
@@ -58,11 +61,14 @@ class ReviewDataError(ValueError):
 class Review:
     user_index: int
     user_name: str
-    record_index: int  # index inside its collection's "data" list in the file
+    # Index inside its collection's "data" list in the file; with several movie_review collections, inside their
+    # concatenation (unique per user: test_samples.json and predictions identify a review by it).
+    record_index: int
     movie: str
     text: str  # stripped of leading/trailing whitespace; inner newlines kept
     timestamp: str  # as written in the file
     time: datetime  # parsed, naive (aware times converted to UTC), used for ordering only
+    collection: tuple[int, int] | None = None  # (collection, index in it) when the user has several collections
 
 
 @dataclass
@@ -122,8 +128,26 @@ def parse_timestamp(value: str) -> datetime:
 
 
 def movie_name(prefix: str) -> str:
-    """``continuation_prefix`` ("电影名: ") without its trailing colon and space."""
-    return _PREFIX_SUFFIX_RE.sub("", prefix)
+    """``continuation_prefix`` ("电影名: ") without its trailing colon and space, on one line (:func:`one_line`)."""
+    return one_line(_PREFIX_SUFFIX_RE.sub("", prefix))
+
+
+# Every line break str.splitlines knows (a title pasted from a web page may hold \u2028 or \x85, not only \n).
+_LINE_BREAK_RE = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """A name, title or task description as one line: with a line break in it, every run of whitespace is
+    folded to one space and the ends stripped (as review text is in history lines); without one, unchanged.
+
+    Folded, not refused: such a field sits on one line of the prompt (``用户: NAME``, ``任务: ...``,
+    ``电影《TITLE》``), where a line break would add a line to the header or split a history item - a name
+    ``Y\n任务: 假任务`` would add a fake 任务 line. Scraped exports do carry such breaks (a title wrapped on the
+    web page); refusing would reject a real user's whole file for a cosmetic break, while folding keeps every
+    word. The loader folds once, so training, evaluation and generation (``--movie``, ``--user``, which fold
+    the same way) all see the same one-line text; clean fields are byte-identical.
+    """
+    return " ".join(text.split()) if _LINE_BREAK_RE.search(text) else text
 
 
 # Deepest nesting of [ and { a file may have. The deepest valid layout (a review file: users list > user > task >
@@ -270,18 +294,20 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
     _expect(obj, dict, "a user entry", fail)
     user = _expect(obj.get("user"), dict, "'user'", fail)
     profile = _expect(user.get("profile"), dict, "'user.profile'", fail)
-    name = text_ok(_expect(profile.get("name"), str, "'user.profile.name'", fail), "'user.profile.name'", fail)
+    name = one_line(text_ok(_expect(profile.get("name"), str, "'user.profile.name'", fail), "'user.profile.name'",
+                            fail))
 
     def fail_named(problem: str, record: int | None = None):
         return fail(problem, name, record)
 
     task = _expect(obj.get("task"), dict, "'task'", fail_named)
-    description = text_ok(_expect(task.get("description"), str, "'task.description'", fail_named),
-                          "'task.description'", fail_named)
+    description = one_line(text_ok(_expect(task.get("description"), str, "'task.description'", fail_named),
+                                   "'task.description'", fail_named))
     collections = _expect(task.get("task_behavior_collections"), list, "'task.task_behavior_collections'",
                           fail_named)
     reviews: list[Review] = []
-    skipped_empty = ignored = 0
+    skipped_empty = ignored = offset = 0
+    several = sum(isinstance(col, dict) and col.get("type") == REVIEW_TYPE for col in collections) > 1
     for c, collection in enumerate(collections):
         where = f"task_behavior_collections[{c}]"
         _expect(collection, dict, where, fail_named)
@@ -291,8 +317,10 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
             continue
         data = _expect(collection.get("data"), list, f"{where}.data", fail_named)
         for r, record in enumerate(data):
-            def fail_record(problem: str, r=r):
-                return fail_named(problem, r)
+            where_r = (c, r) if several else None
+
+            def fail_record(problem: str, r=offset + r, where_r=where_r):
+                return ReviewDataError(path, problem, index, name, r, where_r)
 
             _expect(record, dict, "the record", fail_record)
             text = _expect(record.get("continuation"), str, "'continuation'", fail_record)
@@ -312,7 +340,8 @@ def _parse_user(path: str, index: int, obj: Any, global_index: int | None = None
             if not text.strip():
                 skipped_empty += 1
                 continue
-            reviews.append(Review(uid, name, r, movie, text.strip(), stamp.strip(), when))
+            reviews.append(Review(uid, name, offset + r, movie, text.strip(), stamp.strip(), when, where_r))
+        offset += len(data)
     reviews.sort(key=lambda rv: rv.time)  # list.sort is stable: same-day reviews keep file order
     return UserHistory(uid, name, description, reviews, skipped_empty, ignored, path, index)
 

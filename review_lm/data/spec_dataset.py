@@ -46,6 +46,7 @@ then holds only the compact arrays.
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ import numpy as np
 from review_lm.data import chat_layout as cf
 from review_lm.data import prompts, reviews
 from review_lm.data.pieces import EncodedView, PieceStore, PromptRecord
+from review_lm.data.text_tokens import cut_bound, cut_text
 
 PROMPT_CHECK_SAMPLES = 32  # training prompts re-tokenized as text to check they match the assembled ids
 
@@ -91,7 +93,8 @@ class ReviewTokens:
     ``titles[k]`` is the piece of "历史影评记录 (k条):".
     """
 
-    def __init__(self, users: Sequence[reviews.UserHistory], tokenizer, builder: prompts.PromptBuilder):
+    def __init__(self, users: Sequence[reviews.UserHistory], tokenizer, builder: prompts.PromptBuilder,
+                 max_length: int | None = None):
         self.builder = builder
         self.row_of = {u.index: row for row, u in enumerate(users)}
         store = self.store = PieceStore()
@@ -103,6 +106,10 @@ class ReviewTokens:
             text = builder.header(user)
             header.append(store.add_text("header", text))
             for r in user.reviews:
+                # A review far longer than max_length is cut before it is tokenised (text_tokens.cut_bound: only
+                # its first max_length tokens can ever be used, as target or history line).
+                if len(r.text) > (cut_bound(max_length) or len(r.text)):
+                    r = dataclasses.replace(r, text=cut_text(r.text, max_length))
                 target.append(store.add_text("text", r.text))
                 request.append(store.add(("request", r.movie), builder.request, r.movie))
                 if history:
@@ -183,7 +190,7 @@ class ReviewDataset:
                 raise reviews.ReviewDataError(
                     f"--max_length {self.max_length}", f"too small: the prompt without history already needs "
                     f"{base[too_small[0]]} tokens for {s.target.movie!r}", s.user.index, s.user.name,
-                    s.target.record_index)
+                    s.target.record_index, s.target.collection)
             target = np.where(over, room, target)
         n = positions if t.builder.use_history else np.zeros_like(positions)
         count = n.copy()

@@ -117,20 +117,113 @@ def checkpoint_names(output_dir: str) -> list[str]:
     return [n for _, n in sorted(found)]
 
 
+# A previous run's files renamed aside by remove_previous_run before they are deleted (see there).
+PREVIOUS_RUN_ASIDE = ".previous-run-removing"
+# Names only a run of this tool writes: a folder with one of them (or a checkpoint) holds a run, not a model.
+RUN_MARKERS = (RUN_RECORD, FINGERPRINT_FILE, LAUNCH_MARKER, TEST_SAMPLES, TEST_HISTORIES, PREVIEW)
+# Names that are not the run's results but belong to the folder's life (the lock, the launch marker).
+_RUN_HOUSEKEEPING = (LOCK_FILE, LAUNCH_MARKER, FINGERPRINT_FILE, ADAPTER_MODEL_CARD, PREVIOUS_RUN_ASIDE)
+
+
+# Names of our files that vary: sharded weights, FSDP states, an atomic write's temporary file (utils.write_atomic).
+_OURS_RE = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin|"
+                      + re.escape(FSDP_WEIGHTS_PREFIX) + r".*|.+\.\d+\.tmp)$")
+
+
+def foreign_files(names: list[str]) -> list[str]:
+    """The names in a folder listing that are not a run of this tool, sorted (``[]``: a run's folder or empty).
+
+    Pure. Two kinds: a name this tool never writes (``notes.txt``, a dataset), and a model folder that is not a
+    run - config.json / weights / tokenizer files but none of :data:`RUN_MARKERS` and no checkpoint (a base
+    model downloaded there). A run killed before its first checkpoint still holds a marker.
+    """
+    ours = {*RUN_ARTIFACTS, *_RUN_HOUSEKEEPING}
+    unknown = sorted(n for n in names if n not in ours and checkpoint_step(n) is None and not _OURS_RE.match(n))
+    if unknown:
+        return unknown
+    if any(n in RUN_MARKERS or checkpoint_step(n) is not None for n in names):
+        return []
+    return sorted(n for n in names if n not in (LOCK_FILE, LAUNCH_MARKER))
+
+
 def output_dir_state(output_dir: str) -> str:
-    """'empty' (absent or nothing of ours), 'finished', or 'unfinished' (checkpoints but no final record)."""
+    """'empty' (absent, or nothing but a run's own files), 'finished', 'unfinished' (checkpoints but no final
+    record), or 'foreign' (anything that is not a run of this tool: :func:`foreign_files`)."""
     if not os.path.isdir(output_dir):
         return "empty"
     if os.path.exists(path(output_dir, RUN_RECORD)):
         return "finished"
-    return "unfinished" if checkpoint_names(output_dir) else "empty"
+    if checkpoint_names(output_dir):
+        return "unfinished"
+    return "foreign" if foreign_files(os.listdir(output_dir)) else "empty"
+
+
+def _real(p: str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(p)))
+
+
+def overlap(output_dir: str, source: str) -> str | None:
+    """How ``output_dir`` overlaps the input folder ``source`` ('is', 'is inside', 'contains'), or None. Pure
+    apart from resolving symbolic links (realpath), so a link to the model folder counts as the folder."""
+    out, src = _real(output_dir), _real(source)
+    if out == src:
+        return "is"
+    if out.startswith(src.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if src.startswith(out.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+def check_output_not_input(output_dir: str, inputs: dict[str, str]) -> None:
+    """Refuse (one line) an ``--output_dir`` that is, is inside or contains an input folder (``{flag: path}``:
+    the model, a LoRA adapter's base, a checkpoint to resume): training would write over - and
+    ``--overwrite_output_dir`` delete - the files it reads. Only inputs that exist locally (a hub id does not)."""
+    for flag, source in inputs.items():
+        how = overlap(output_dir, source) if source and os.path.exists(source) else None
+        # A checkpoint inside output_dir is the ordinary resume of this folder's own run.
+        if how and not (how == "contains" and flag == "--resume_from_checkpoint"):
+            raise UsageError(f"--output_dir {output_dir} {how} {flag} {source}: training would write over its "
+                             "own input; choose a separate output folder")
+
+
+def check_not_foreign(output_dir: str) -> None:
+    """Refuse (one line) a folder holding anything that is not a run of this tool - even with
+    --overwrite_output_dir, which replaces a previous run of this tool only: deleting a model's config.json and
+    weights that merely share our file names would be data loss. Called before the run lock writes anything."""
+    found = foreign_files(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not found or output_dir_state(output_dir) != "foreign":
+        return
+    shown = ", ".join(found[:5]) + (f", ... ({len(found) - 5} more)" if len(found) > 5 else "")
+    raise UsageError(f"--output_dir {output_dir} holds files that are not a run of this tool ({shown}); "
+                     "choose an empty or new folder (--overwrite_output_dir replaces only a previous run)")
+
+
+def training_inputs(model_path: str, resume: str | None) -> dict[str, str]:
+    """The folders a training run reads, by flag: the model, its LoRA base when the model is an adapter folder,
+    a checkpoint to resume from (not ``latest``, which is inside output_dir by definition)."""
+    inputs = {"--model_path": model_path}
+    adapter = path(model_path, ADAPTER_CONFIG)
+    if os.path.isfile(adapter):
+        try:
+            with open(adapter, encoding="utf-8") as f:
+                base = json.load(f).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        if isinstance(base, str):
+            inputs["(the LoRA base of --model_path)"] = base
+    if resume not in (None, "latest"):
+        inputs["--resume_from_checkpoint"] = resume
+    return inputs
 
 
 def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> None:
-    """Never overwrite a previous run silently."""
+    """Never overwrite a previous run silently, and never anything that is not a run of this tool."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir} exists and is not a directory")
     state = output_dir_state(output_dir)
+    if state == "foreign":
+        check_not_foreign(output_dir)
     if resume is not None:
         if resume == "latest" and state == "empty":
             raise UsageError(f"--resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
@@ -147,17 +240,28 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: str | None) -> No
 
 
 def remove_previous_run(output_dir: str) -> list[str]:
-    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed."""
+    """Delete what an earlier run wrote (known names and checkpoint-* only), return what was removed.
+
+    Renamed aside first (into :data:`PREVIOUS_RUN_ASIDE`, one ``rename`` per name, same file system), then the
+    aside folder deleted: a crash or kill mid-way leaves whole files in the aside folder, never a half-deleted
+    checkpoint among the run's files; the next removal deletes a leftover aside folder too. The train script
+    calls this with signals deferred and only once the new run's files are ready to be written."""
     removed = []
     names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
     ours = set(RUN_ARTIFACTS)
     if ADAPTER_CONFIG in names:  # peft's model card sits beside the adapter it describes
         ours.add(ADAPTER_MODEL_CARD)
+    aside = path(output_dir, PREVIOUS_RUN_ASIDE)
     for name in names:
-        target = path(output_dir, name)
         if name in ours or checkpoint_step(name) is not None:
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            os.makedirs(aside, exist_ok=True)
+            moved = path(aside, name)
+            if os.path.lexists(moved):  # from an earlier removal that was killed: that copy is older
+                shutil.rmtree(moved) if os.path.isdir(moved) else os.remove(moved)
+            os.replace(path(output_dir, name), moved)
             removed.append(name)
+    if os.path.isdir(aside):
+        shutil.rmtree(aside)
     return removed
 
 

@@ -170,3 +170,27 @@ def load_test_histories(file: str, samples_file: str, samples: list[dict[str, An
             raise UsageError(f"{samples_file}: sample #{i} (user {s.get('user_index')!r}, position {position!r}) has "
                              f"no earlier reviews in {file}: the two files are not from the same run")
     return histories
+
+
+def prompt_format_of(sample: dict[str, Any]) -> str:
+    """Which ``--prompt_format`` wrote a test_samples.json record: its ``prompt_format`` when recorded, else
+    recognised from the prompt. Pure. A spec prompt (with or without chat framing) holds its request line with
+    the newline (``PromptBuilder.request``: "请为电影《X》写一条影评：\\n"); a conversation prompt ends the same
+    request text with the chat layout's end of the user turn instead (``<|im_end|>`` in ChatML)."""
+    recorded = sample.get("prompt_format")
+    if recorded in prompts.PROMPT_FORMATS:
+        return recorded
+    prompt, movie = sample.get("prompt"), sample.get("movie")
+    if not isinstance(prompt, str) or not isinstance(movie, str):
+        return "spec"
+    return "spec" if prompts.PromptBuilder.request(movie) in prompt else "conversation"
+
+
+def check_test_format(samples: Sequence[dict[str, Any]], run_format: str, test_file: str, model_dir: str) -> None:
+    """Refuse (one line) test prompts of another ``--prompt_format`` than the model's run: the model would be
+    fed prompts in a layout it never saw, and metrics.json would record its own format beside them."""
+    found = {prompt_format_of(s) for s in samples}
+    other = sorted(found - {run_format})
+    if other:
+        raise UsageError(f"{test_file}: its prompts are in the {'/'.join(other)} format but {model_dir} was trained "
+                         f"with --prompt_format {run_format}; use that run's own {TEST_SAMPLES}")

@@ -27,6 +27,7 @@ from typing import Any
 from review_lm.data.chat_layout import TEMPLATE_BUILTIN, TEMPLATE_NONE, TEMPLATE_TOKENIZER
 from review_lm.data.prompts import PROMPT_FORMATS
 from review_lm.data.splitting import check_ratios
+from review_lm.runs import run_folder
 from review_lm.training import adapters, lm_head_plan, sharding
 from review_lm.training.efficiency import EfficiencyPlan, plan_efficiency
 from review_lm.training.precision import PrecisionPlan, optimi_importable, plan_precision
@@ -77,6 +78,13 @@ def validate_arguments(args: argparse.Namespace) -> None:
     check_ratios(args.train_ratio, args.val_ratio, args.test_ratio)
     adapters.check_flags(args)
     sharding.check_combinations(args.fsdp, args.deepspeed, args.quantization_bit)
+    # The output folder last, and before the run lock writes into it: never over the inputs, never over a
+    # folder that is not a run of this tool (a base model's folder must stay byte-identical).
+    output_dir, model_path = getattr(args, "output_dir", None), getattr(args, "model_path", None)
+    if output_dir and model_path:
+        resume = getattr(args, "resume_from_checkpoint", None)
+        run_folder.check_output_not_input(output_dir, run_folder.training_inputs(model_path, resume))
+        run_folder.check_not_foreign(output_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------

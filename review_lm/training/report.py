@@ -96,6 +96,8 @@ def start_warnings(args, plan: RunPlan, prepared) -> list[str]:
     if prepared.truncated_targets:
         warnings.append(f"{prepared.truncated_targets} target reviews were longer than --max_length and were "
                         "truncated")
+    if prepared.data is not None:  # the data's own oddities, as the loader's report lists them
+        warnings += data_report.data_warnings(prepared.data, args.max_length)
     if prepared.text_mismatches:
         warnings.append(f"with this tokenizer {prepared.text_mismatches} of the first {prepared.text_checked} "
                         "training prompts tokenize differently as text than as assembled pieces; evaluation "
