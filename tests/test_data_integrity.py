@@ -186,6 +186,23 @@ def test_planted_review_ids_before_and_after(tmp_path, qwen_tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 # 2. One line per field
 # ---------------------------------------------------------------------------------------------------------------
+def test_evaluation_prompts_keep_data_text_as_text(tmp_path, qwen_tokenizer):
+    """Evaluation feeds test_samples.json's prompt text: a planted control token stays plain characters there too
+    (spec format, no template); clean prompts get exactly the plain tokenization training checked against."""
+    data = load(tmp_path, [planted_entry("review", "<|im_end|>")])
+    splits = dl.split_chronologically(data)
+    prompts = [r.prompt for r in rd.build_datasets(splits, qwen_tokenizer, None)["test"].prompt_records()]
+    added = set(qwen_tokenizer.all_special_ids)
+    planted = [p for p in prompts if "<|im_end|>" in p]
+    assert planted  # the planted review is in the later prompts' history
+    ids = text_tokens.encode_prompts(qwen_tokenizer, prompts, "none")
+    assert not any(set(i) & added for i in ids)
+    assert any(set(qwen_tokenizer(p, add_special_tokens=False)["input_ids"]) & added for p in planted)  # before
+    clean = [p.replace("<|im_end|>", "") for p in prompts]
+    assert text_tokens.encode_prompts(qwen_tokenizer, clean, "none") == \
+        qwen_tokenizer(clean, add_special_tokens=False)["input_ids"]
+
+
 def test_names_titles_and_descriptions_are_folded_to_one_line(tmp_path):
     entry = user_entry(name="Y\n任务: 假任务", description="第一行\r\n第二行", titles=["盗梦\n空间"] + [
         f"电影{i}" for i in range(1, len(REVIEWS))])

@@ -138,6 +138,18 @@ def cut_text(text: str, max_length: int | None) -> str:
     return text if bound is None or len(text) <= bound else text[:bound]
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: str) -> list[list[int]]:
+    """The ids evaluation feeds for test_samples.json's prompt texts (no special tokens added).
+
+    A run without a chat template (``chat_template`` "none": the spec's plain prompt) has no layout in its prompt:
+    all of it is text from the data, encoded as text (a planted ``<|im_end|>`` stays plain characters, as in
+    training; for clean text the ids are exactly ``tokenizer(prompt)``'s). A templated prompt's markers are
+    layout that only the text form carries here, so it is tokenized as a whole, as the template renders it."""
+    if chat_template == "none":
+        return TextEncoder(tokenizer).encode(list(prompts))
+    return tokenizer(list(prompts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
 def text_is_text(tokenizer) -> bool:
     """Whether ``tokenizer`` honours ``split_special_tokens=True`` (a special token in text is not its id)."""
     eos = tokenizer.eos_token
@@ -147,4 +159,5 @@ def text_is_text(tokenizer) -> bool:
     return ids != [tokenizer.eos_token_id]
 
 
-__all__ = ["CUT_CHARS_PER_TOKEN", "Segments", "TextEncoder", "cut_bound", "cut_text", "text_is_text"]
+__all__ = ["CUT_CHARS_PER_TOKEN", "Segments", "TextEncoder", "cut_bound", "cut_text", "encode_prompts",
+           "text_is_text"]

@@ -9,12 +9,11 @@ torch / transformers are imported inside the functions.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from review_lm.inference.model_loading import LoadedModel, load_model_and_tokenizer
+from review_lm.inference.model_loading import LoadedModel
 from review_lm.utils import DTYPE_CHOICES, UsageError, check_range
 
 
@@ -109,57 +108,6 @@ def split_at_eos(ids: Sequence[int], eos_id: int | Sequence[int]) -> tuple[list[
     ids, stops = list(ids), {eos_id} if isinstance(eos_id, int) else set(eos_id)
     cut = next((i for i, t in enumerate(ids) if t in stops), None)
     return (ids, True) if cut is None else (ids[:cut], False)
-
-
-def generate_predictions(model_dir: str, prompts: Sequence[str], settings: GenerationSettings,
-                         progress: bool = True) -> Generated:
-    """One continuation per prompt, greedy unless ``settings.do_sample``."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig, set_seed
-
-    loaded = load_model_and_tokenizer(model_dir, settings.device, settings.dtype, settings.trust_remote_code,
-                                      settings.base_model)
-    print(loaded.summary, file=sys.stderr)
-    model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
-    eos_id, pad_id = stop_token_ids(tokenizer, settings.chat_template), tokenizer.pad_token_id
-    gen_kwargs = generation_config_kwargs(settings, eos_id, pad_id)
-    gen_config = GenerationConfig(**gen_kwargs)
-    set_seed(settings.seed)  # only matters when sampling; makes --do_sample runs repeatable
-
-    # Prompts are the exact training prefix: no BOS/special tokens added (the data loader's contract).
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    # Longest first: batches of similar length waste less on padding, and an out-of-memory error shows up
-    # in the first batch instead of after an hour. Results are put back in the input order.
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    texts: list[str] = [""] * len(prompts)
-    counts: list[int] = [0] * len(prompts)
-    hit_limit: list[bool] = [False] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generating", unit="sample", disable=not progress)
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start:start + settings.batch_size]
-        enc = tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True,
-                        return_tensors="pt").to(device)
-        with torch.inference_mode():
-            # use_cache=True lives in gen_config (generate takes it from there, whatever config.json says after
-            # Trainer saved use_cache=False); passing it again as a kwarg only adds a deprecation warning.
-            out = model.generate(**enc, generation_config=gen_config)
-        new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()  # drop the (left-padded) prompt
-        for i, ids in zip(batch, new_tokens, strict=True):
-            kept, cut = split_at_eos(ids, eos_id)
-            texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
-            counts[i], hit_limit[i] = len(kept), cut
-        bar.update(len(batch))
-    bar.close()
-    info = {
-        "device": device, "dtype": dtype, "batch_size": settings.batch_size, "seed": settings.seed,
-        "generation_config": gen_kwargs,
-        "model_generation_config": model.generation_config.to_diff_dict(),
-        "note": "generation_config is passed to model.generate; model_generation_config "
-                "(the model's generation_config.json) only fills fields not set there",
-        "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
-    }
-    return Generated(texts, counts, hit_limit, info)
 
 
 @dataclass

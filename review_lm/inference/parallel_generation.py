@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from review_lm.data.text_tokens import encode_prompts
 from review_lm.inference import resumable
 from review_lm.inference.generation import (
     Generated,
@@ -120,8 +121,10 @@ def generate_resumable(model_dir: str, prompts: Sequence[str], settings: Generat
         gen_kwargs["num_return_sequences"] = settings.num_samples
     gen_config = GenerationConfig(**gen_kwargs)
 
-    # Prompts are the exact training prefix: no BOS/special tokens added (the data loader's contract).
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    # Prompts are the exact training prefix: no BOS/special tokens added (the data loader's contract), and data
+    # text stays text (review_lm.data.text_tokens.encode_prompts).
+    prompt_ids = encode_prompts(tokenizer, prompts, settings.chat_template)
+    lengths = [len(ids) for ids in prompt_ids]
     plan = resumable.plan_batches(lengths, settings.batch_size)
     done = resumable.read_done(out_dir, header)
     already = sum(len(rows) for b, rows in done.items() if b < len(plan))
@@ -143,8 +146,8 @@ def generate_resumable(model_dir: str, prompts: Sequence[str], settings: Generat
             batch = plan[b]
             if settings.do_sample:
                 set_seed(resumable.batch_seed(settings.seed, b))
-            enc = tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True,
-                            return_tensors="pt").to(loaded.device)
+            enc = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, padding=True,
+                                return_tensors="pt").to(loaded.device)
             with torch.inference_mode():
                 out = model.generate(**enc, generation_config=gen_config)
             rows = batch_rows(batch, out[:, enc["input_ids"].shape[1]:].tolist(), settings.num_samples, eos_id,

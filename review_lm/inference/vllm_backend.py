@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from review_lm.data.text_tokens import encode_prompts
 from review_lm.inference import resumable
 from review_lm.inference.generation import Generated, GenerationSettings
 from review_lm.runs.run_folder import ADAPTER_CONFIG
@@ -144,7 +145,7 @@ def generate_vllm(model_dir: str, prompts: Sequence[str], settings: GenerationSe
     plan = plan_model(model_dir, read_adapter_config(model_dir), settings.base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
     stop = stop_token_ids(tokenizer, settings.chat_template)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = encode_prompts(tokenizer, prompts, settings.chat_template)  # data text stays text, as in training
     batches = resumable.plan_batches([len(x) for x in ids], settings.batch_size)
     done = resumable.read_done(out_dir, header)
     already = sum(len(rows) for rows in done.values())
