@@ -130,8 +130,9 @@ def scale_run(tmp_path_factory, example_data_file) -> Path:
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
-    from review_lm.data import spec_dataset as rd
+    from review_lm.data import datasets as rd
     from review_lm.runs import run_folder as rf
+    from review_lm.runs import test_set
     from review_lm.testing.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("scale_run")
@@ -141,8 +142,8 @@ def scale_run(tmp_path_factory, example_data_file) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     splits = dl.split_chronologically(dl.load_review_file(str(data)))
     test = rd.build_datasets({"test": splits["test"]}, tokenizer, 512, dl.PromptBuilder())["test"]
-    rf.write_test_samples(str(out / rf.TEST_SAMPLES), test.encoded_samples())
-    rf.write_test_histories(str(out / rf.TEST_HISTORIES), splits["test"])
+    test_set.write_test_samples(str(out / rf.TEST_SAMPLES), test.encoded_samples())
+    test_set.write_test_histories(str(out / rf.TEST_HISTORIES), splits["test"])
     return out
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import data_loader_movie_review as dl
 import train_distributed_MovieReview as tr
+from review_lm.runs import test_set
 from review_lm.training import report as run_report
 from tests.eager_encoder import SampleTokenizer
 from tests.helpers import (
@@ -90,6 +91,9 @@ def test_test_samples_are_the_five_newest_reviews_as_the_loader_builds_them(exam
     data = dl.load_review_file(EXAMPLE)
     splits = dl.split_chronologically(data)
     encoder = SampleTokenizer(AutoTokenizer.from_pretrained(str(example_run)), 4096)
+    digests = {s.pop(test_set.RUN_DIGEST_KEY) for s in saved}  # the run's digest, in every sample (issue 26)
+    histories = json.loads((example_run / "test_histories.json").read_text(encoding="utf-8"))
+    assert digests == {histories[test_set.RUN_DIGEST_KEY]} and all(digests)
     assert saved == [dl.sample_record(e) for e in encoder.encode_split(splits["test"])]
     assert len(saved) == 5
     assert [s["movie"] for s in saved] == [r.movie for r in data.users[0].reviews[-5:]]

@@ -160,13 +160,14 @@ def _tiny_run(tmp_path: Path, example: Path) -> Path:
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
-    from review_lm.data import spec_dataset as rd
+    from review_lm.data import datasets as rd
     from review_lm.runs import run_folder as rf
+    from review_lm.runs import test_set
 
     run = _tiny_base(tmp_path, example)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
     splits = dl.split_chronologically(dl.load_review_file(str(example)))
     test = rd.build_datasets({"test": splits["test"]}, tokenizer, 512, dl.PromptBuilder())["test"]
-    rf.write_test_samples(str(run / rf.TEST_SAMPLES), test.encoded_samples())
-    rf.write_test_histories(str(run / rf.TEST_HISTORIES), splits["test"])
+    test_set.write_test_samples(str(run / rf.TEST_SAMPLES), test.encoded_samples())
+    test_set.write_test_histories(str(run / rf.TEST_HISTORIES), splits["test"])
     return run

@@ -36,16 +36,17 @@ def make_run(folder: str, files: list[str], max_length: int) -> int:
     from transformers import AutoTokenizer
 
     import data_loader_movie_review as dl
-    from review_lm.data import spec_dataset as rd
+    from review_lm.data import datasets as rd
     from review_lm.runs import run_folder as rf
+    from review_lm.runs import test_set
     from review_lm.testing.tiny_model import make_tiny_model
 
     make_tiny_model(folder, tokenizer_kind="bpe", corpus=files, vocab_size=2000, hidden_size=128, num_layers=2)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     splits = dl.split_chronologically(dl.load_review_data(files))
     test = rd.build_datasets({"test": splits["test"]}, tokenizer, max_length, dl.PromptBuilder())["test"]
-    rf.write_test_samples(os.path.join(folder, rf.TEST_SAMPLES), test.encoded_samples())
-    rf.write_test_histories(os.path.join(folder, rf.TEST_HISTORIES), splits["test"])
+    test_set.write_test_samples(os.path.join(folder, rf.TEST_SAMPLES), test.encoded_samples())
+    test_set.write_test_histories(os.path.join(folder, rf.TEST_HISTORIES), splits["test"])
     return len(splits["test"])
 
 

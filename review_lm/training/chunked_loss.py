@@ -74,6 +74,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows: int):
         dtype = _autocast_dtype(hidden.device)
+        if dtype is None and hidden.dtype != weight.dtype:  # bf16-pure weights, fp32 hidden states: a plain head
+            dtype = weight.dtype  # layer would need one dtype too; the matmul runs in the weights' dtype
         rows = hidden.shape[0]
         lse = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
