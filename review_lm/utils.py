@@ -67,7 +67,7 @@ def check_range(name: str, value: float | int | None, minimum: float, inclusive:
 MIN_FREE_BYTES = 1 << 20  # below this a folder counts as full: not even a record or a metrics.json would fit
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
     """``path`` itself when it exists (or is a dangling link), else its nearest existing ancestor."""
     current = os.path.abspath(path)
     while not os.path.lexists(current):
@@ -116,7 +116,7 @@ def check_output_path(path: str, what: str, kind: str = "folder") -> None:
     if kind == "file" and os.path.isdir(path):
         raise UsageError(f"{name}: is a folder, not a file")
     folder = path if kind == "folder" else os.path.dirname(os.path.abspath(path))
-    existing = _nearest_existing(folder)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         raise UsageError(f"{name}: cannot be created: {existing} is a file, not a folder" if os.path.isfile(existing)
                          else f"{name}: cannot be created: {existing} is not a folder")

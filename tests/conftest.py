@@ -175,3 +175,15 @@ def dmsc_file(tmp_path) -> Path:
     with open(path, "ab") as f:  # a broken row: three fields where the header has ten
         f.write("99,Broken,坏行\r\n".encode())
     return path
+
+
+@pytest.fixture(scope="module")
+def preview_run(tmp_path_factory, tiny_model) -> Path:
+    """A run folder from --preview_only (test_samples.json and test_histories.json, with the run digest)."""
+    import train_distributed_MovieReview as tr
+    from tests.helpers import EXAMPLE
+
+    out = tmp_path_factory.mktemp("preview") / "run"
+    assert tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--report_to",
+                    "none", "--preview_only"]) == 0
+    return out

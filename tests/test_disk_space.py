@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from review_lm.runs import disk_space as ds
-from review_lm.utils import UsageError
+from review_lm.utils import UsageError, nearest_existing
 
 
 # ==============================================================================================================
@@ -55,11 +55,11 @@ def test_disk_space_warning():
 
 def test_free_space_is_read_on_the_nearest_existing_parent(tmp_path):
     missing = tmp_path / "a" / "b" / "c"
-    assert ds.existing_parent(str(missing)) == str(tmp_path)
+    assert nearest_existing(str(missing)) == str(tmp_path)
     assert ds.free_bytes(str(missing)) == shutil.disk_usage(tmp_path).free
     assert ds.check_disk_space(str(missing), 1) is None
     assert "only" in ds.check_disk_space(str(missing), 10**18)
-    assert ds.existing_parent("/") == "/"
+    assert nearest_existing("/") == "/"
 
 
 # ==============================================================================================================

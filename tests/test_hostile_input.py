@@ -58,15 +58,6 @@ def hostile_reviews(path: Path, field: str = "continuation", record: int = 3) ->
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def preview_run(tmp_path_factory, tiny_model) -> Path:
-    """A run folder from --preview_only (test_samples.json and test_histories.json, with the run digest)."""
-    out = tmp_path_factory.mktemp("preview") / "run"
-    assert tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--report_to",
-                    "none", "--preview_only"]) == 0
-    return out
-
-
 @pytest.fixture
 def run_copy(preview_run, tmp_path) -> Path:
     return Path(shutil.copytree(preview_run, tmp_path / "run"))

@@ -21,7 +21,6 @@ import pytest
 from helpers import EXAMPLE, REPO, clean_env, one_line_error, run_train, tree_hash
 
 import evaluate_movie_review as ev
-import train_distributed_MovieReview as tr
 from review_lm.evaluation.output import check_output_folder, staged_results
 from review_lm.runs import lock as run_lock
 from review_lm.runs import run_folder as rf
@@ -60,14 +59,6 @@ def mount(tmp_path):
     yield make
     for folder in reversed(mounted):
         subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-@pytest.fixture(scope="module")
-def preview_run(tmp_path_factory, tiny_model) -> Path:
-    out = tmp_path_factory.mktemp("preview") / "run"
-    assert tr.main(["--data_file", EXAMPLE, "--output_dir", str(out), "--model_path", tiny_model, "--report_to",
-                    "none", "--preview_only"]) == 0
-    return out
 
 
 @pytest.fixture

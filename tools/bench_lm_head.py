@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -76,20 +75,6 @@ def worker(spec: dict) -> dict:
             "model_weights_bytes": memory["model_weights_bytes"]}
 
 
-def run_worker(spec: dict, timeout: int) -> dict | str:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return f"timed out after {timeout} s"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return f"failed (exit {proc.returncode}): {tail[0][:300]}"
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def print_table(results: dict[str, dict | str]) -> None:
     gib = 2**30
     base, spec = results.get("conversation-unchunked"), results.get("spec-chunked")
@@ -136,10 +121,13 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s); data {data[0]}; "
           f"tiny Qwen2 (hidden 64 x 2 layers, vocab 151,936), batch 2 x accumulation 8, --max_length "
           f"{args.max_length}, 1 epoch")
+    from tools.bench_train import run_worker  # each case in a fresh process: its own peak RSS
+
     results = {}
     for config in args.configs:
         start = time.time()
-        results[config] = run_worker({"config": config, "data": data, "max_length": args.max_length}, args.timeout)
+        spec = {"config": config, "data": data, "max_length": args.max_length}
+        results[config] = run_worker(__file__, spec, args.timeout)
         print(f"   [{config}: {time.time() - start:.0f} s]", flush=True)
     print_table(results)
     if args.json:

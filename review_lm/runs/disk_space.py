@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import os
 import shutil
 import traceback
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from review_lm.runs.checkpoints import (
     checkpoints_newest_first,
     latest_complete_checkpoint,
 )
-from review_lm.utils import UsageError
+from review_lm.utils import UsageError, nearest_existing
 
 logger = logging.getLogger("movie_review")
 
@@ -80,20 +79,9 @@ def disk_space_warning(path: str, needed_bytes: int, free_bytes: int) -> str | N
             "(checkpoints and the final model): free space or choose another --output_dir")
 
 
-def existing_parent(path: str) -> str:
-    """``path`` itself, or its nearest existing parent folder (the output folder may not exist yet)."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return path
-
-
 def free_bytes(path: str) -> int:
     """Free bytes on the file system that holds (or will hold) ``path``."""
-    return shutil.disk_usage(existing_parent(path)).free
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def check_disk_space(path: str, needed_bytes: int) -> str | None:
