@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 import sys
@@ -27,6 +26,7 @@ from datetime import date
 
 from tqdm.auto import tqdm
 
+from review_lm.data.reviews import ReviewDataError, read_json_file
 from review_lm.utils import UsageError
 
 FORMATS = ("tofu", "dmsc", "moviedata", "dmr")
@@ -310,15 +310,11 @@ def _cell(row: tuple, index: int) -> str:
 # JSON (DMR)
 # ----------------------------------------------------------------------------------------------------------------
 def load_json(path: str):
+    """A DMR JSON file, through the loader's one reader of users' JSON (BOM, nesting bound, Unicode checked)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            return json.load(f)
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise UsageError(f"{path}: cannot read: {err.strerror or err}") from None
+        return read_json_file(path)
+    except ReviewDataError as err:
+        raise UsageError(str(err)) from None
 
 
 def read_dmr_titles(path: str) -> dict[str, str]:

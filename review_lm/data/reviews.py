@@ -219,17 +219,22 @@ def json_path(where: list[str | int]) -> str:
     return text.lstrip(".") or "the top level"
 
 
+def unreadable_file(path: str, err: OSError) -> ReviewDataError:
+    """The one-line error for a data file that cannot be opened (the loader's, and the run fingerprint's)."""
+    if isinstance(err, FileNotFoundError):
+        return ReviewDataError(path, "file not found")
+    if isinstance(err, IsADirectoryError):
+        return ReviewDataError(path, "is a directory, not a JSON file")
+    return ReviewDataError(path, f"cannot read file: {err.strerror or err}")
+
+
 def _read_json(path: str) -> tuple[Any, bool]:
     """The parsed file, and whether its bytes hold a surrogate escape (only then can a string be invalid)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError:
-        raise ReviewDataError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ReviewDataError(path, "is a directory, not a JSON file") from None
     except OSError as err:
-        raise ReviewDataError(path, f"cannot read file: {err.strerror or err}") from None
+        raise unreadable_file(path, err) from None
     if nested_too_deeply(raw):
         raise ReviewDataError(path, f"nested too deeply (more than {MAX_JSON_DEPTH} levels of [ and {{); "
                                     "no valid file nests that deep")

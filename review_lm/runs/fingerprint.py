@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from review_lm.data.reviews import ReviewDataError, expand_data_paths
+from review_lm.data.reviews import expand_data_paths, unreadable_file
 from review_lm.runs import run_folder
 from review_lm.runs.run_folder import FINGERPRINT_FILE
 from review_lm.utils import write_json_atomic
@@ -214,10 +214,6 @@ def current_fingerprint(args, world_size: int) -> dict[str, Any]:
         try:
             with open(file, "rb"):
                 pass
-        except FileNotFoundError:
-            raise ReviewDataError(file, "file not found") from None
-        except IsADirectoryError:
-            raise ReviewDataError(file, "is a directory, not a JSON file") from None
         except OSError as err:
-            raise ReviewDataError(file, f"cannot read file: {err.strerror or err}") from None
+            raise unreadable_file(file, err) from None
     return run_fingerprint(vars(args), files, {"world_size": world_size})
